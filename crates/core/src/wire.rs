@@ -1,0 +1,297 @@
+//! The JSON bodies of the HTTP API (see API.md), shared by the server and the
+//! SDK so that both sides agree by construction.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::clock::Ts;
+use crate::history::HistoryEvent;
+use crate::model::{ErrorInfo, ReplyTo, Request, Status};
+
+/// `POST /v1/queues/{queue}/requests`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SubmitBody {
+    /// Any JSON; stored and handed to the worker byte for byte.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub input: Box<RawValue>,
+    /// The client's own correlation id, echoed in every reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// Higher runs first (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// Seconds before it may be claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<f64>,
+    /// Seconds until its deadline; then it expires if not finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+    /// Attempts before it is dead-lettered (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// The return address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyTo>,
+    /// String → string bookkeeping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// On dead-letter, resubmit the same input to this queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_queue: Option<String>,
+    /// Claims rotate across fairness keys (default: the tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fairness_key: Option<String>,
+}
+
+/// `POST /v1/queues/{queue}/claims`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClaimBody {
+    /// Who is claiming (for history and debugging).
+    pub worker_id: String,
+    /// At most this many requests, 1..100 (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+    /// Lease length in seconds (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<f64>,
+    /// Long-poll up to this many seconds for work (default 0; capped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<f64>,
+}
+
+/// One claimed request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClaimedRequest {
+    /// The request id.
+    pub id: String,
+    /// Its queue.
+    pub queue: String,
+    /// Its input, as submitted.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub input: Box<RawValue>,
+    /// Which attempt this is (1-based).
+    pub attempt: u32,
+    /// Attempts allowed in all.
+    pub max_attempts: u32,
+    /// The fencing token for heartbeat, complete and fail.
+    pub lease_token: String,
+    /// When the lease runs out unless renewed.
+    pub lease_expires_at: Ts,
+    /// The request's deadline, if any.
+    pub deadline: Option<Ts>,
+    /// The client's correlation id.
+    pub correlation_id: Option<String>,
+    /// The client's metadata.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl ClaimedRequest {
+    /// The claim view of a request just claimed.
+    pub fn from_request(req: &Request) -> Option<ClaimedRequest> {
+        let lease = req.lease.as_ref()?;
+        Some(ClaimedRequest {
+            id: req.id.clone(),
+            queue: req.queue.clone(),
+            input: req.input.clone(),
+            attempt: req.attempts,
+            max_attempts: req.max_attempts,
+            lease_token: lease.token.clone(),
+            lease_expires_at: lease.expires_at,
+            deadline: req.deadline,
+            correlation_id: req.correlation_id.clone(),
+            metadata: req.metadata.clone(),
+        })
+    }
+}
+
+/// The answer to a claim.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClaimResponse {
+    /// Possibly empty after `wait`.
+    pub requests: Vec<ClaimedRequest>,
+}
+
+/// `POST /v1/requests/{id}/heartbeat`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HeartbeatBody {
+    /// The lease token from the claim.
+    pub lease_token: String,
+    /// Progress to record, any JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub progress: Option<Box<RawValue>>,
+    /// Renew the lease to now + this many seconds (default: the lease's length).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extend: Option<f64>,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HeartbeatResponse {
+    /// The renewed lease end.
+    pub lease_expires_at: Ts,
+    /// The client asked to cancel: stop and call `fail`.
+    pub cancel_requested: bool,
+}
+
+/// `POST /v1/requests/{id}/complete`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CompleteBody {
+    /// The lease token from the claim.
+    pub lease_token: String,
+    /// The output, any JSON (default null).
+    #[serde(default = "json_null")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub output: Box<RawValue>,
+}
+
+/// `POST /v1/requests/{id}/fail`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FailBody {
+    /// The lease token from the claim.
+    pub lease_token: String,
+    /// What went wrong.
+    pub error: ErrorInfo,
+    /// Whether another attempt may help (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
+    /// Seconds before the next attempt (default: the backoff policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<f64>,
+}
+
+/// One item of `POST /v1/queues/{queue}/settlements`: a complete (with
+/// `output`) or a fail (with `error`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SettlementItem {
+    /// The request id.
+    pub id: String,
+    /// The lease token from the claim.
+    pub lease_token: String,
+    /// Set for a complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub output: Option<Box<RawValue>>,
+    /// Set for a fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// For a fail: whether another attempt may help (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
+    /// For a fail: seconds before the next attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<f64>,
+}
+
+/// `POST /v1/queues/{queue}/settlements`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SettlementsBody {
+    /// 1..100 items.
+    pub items: Vec<SettlementItem>,
+}
+
+/// The outcome of one settlement item, in request order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SettlementResult {
+    /// The request id.
+    pub id: String,
+    /// 200, 409 or 404 — what the single call would have answered.
+    pub status: u16,
+    /// The request after the settlement (200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<Request>,
+    /// The problem document (409/404).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<Problem>,
+}
+
+/// The answer to a settlements call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SettlementsResponse {
+    /// One per item, same order.
+    pub items: Vec<SettlementResult>,
+}
+
+/// `GET /v1/requests`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ListResponse {
+    /// Newest first.
+    pub requests: Vec<Request>,
+    /// Pass as `page_token` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
+}
+
+/// `GET /v1/requests/{id}/history`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HistoryResponse {
+    /// Oldest first.
+    pub events: Vec<HistoryEvent>,
+}
+
+/// One queue in `GET /v1/queues`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct QueueInfo {
+    /// The queue name.
+    pub name: String,
+    /// Requests by status (every status present, zero included).
+    pub counts: BTreeMap<Status, u64>,
+    /// Seconds the oldest claimable queued request has waited.
+    pub oldest_queued_age: Option<f64>,
+    /// Claims per second over the last minute, on this node.
+    pub claim_rate: f64,
+}
+
+/// `GET /v1/queues`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct QueuesResponse {
+    /// Every queue that has requests, by name.
+    pub queues: Vec<QueueInfo>,
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Problem {
+    /// A URI naming the problem type.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// A short summary of the type.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong this time.
+    pub detail: String,
+    /// Extension members (e.g. `request_status`, `error`, `field`).
+    #[serde(flatten)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub extensions: serde_json::Map<String, serde_json::Value>,
+}
+
+fn json_null() -> Box<RawValue> {
+    RawValue::from_string("null".to_string()).expect("null is JSON")
+}
+
+/// The JSON `null` as a raw value.
+pub fn null_raw() -> Box<RawValue> {
+    json_null()
+}
