@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::clock::Ts;
+use chrono::{DateTime, Utc};
 use crate::model::{ErrorInfo, Status};
 
 /// One entry of a request's history.
@@ -14,7 +14,7 @@ pub struct HistoryEvent {
     /// 1, 2, 3 … per request.
     pub seq: u64,
     /// When it happened.
-    pub at: Ts,
+    pub at: DateTime<Utc>,
     /// What happened, with its details.
     #[serde(flatten)]
     pub kind: EventKind,
@@ -31,7 +31,7 @@ pub enum EventKind {
         queue: String,
         /// Not claimable before this time.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        run_after: Option<Ts>,
+        run_after: Option<DateTime<Utc>>,
     },
     /// A worker claimed it.
     Claimed {
@@ -40,7 +40,7 @@ pub enum EventKind {
         /// Which attempt this is (1-based).
         attempt: u32,
         /// When the lease runs out.
-        lease_expires_at: Ts,
+        lease_expires_at: DateTime<Utc>,
     },
     /// A worker reported progress.
     Progress {
@@ -55,7 +55,7 @@ pub enum EventKind {
         /// What the worker said.
         error: ErrorInfo,
         /// When it may run again.
-        run_after: Ts,
+        run_after: DateTime<Utc>,
     },
     /// A lease ran out without the worker completing or failing.
     LeaseExpired {
@@ -122,7 +122,7 @@ pub enum EventKind {
         message: String,
         /// When it is tried again, if it is.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        next_attempt_at: Option<Ts>,
+        next_attempt_at: Option<DateTime<Utc>>,
     },
 }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::clock::Ts;
+use chrono::{DateTime, Utc};
 
 /// Where a request is in its life.
 ///
@@ -130,7 +130,7 @@ pub struct Lease {
     /// Who holds it.
     pub worker_id: String,
     /// When it runs out.
-    pub expires_at: Ts,
+    pub expires_at: DateTime<Utc>,
     /// The length of the lease as claimed, in milliseconds; a heartbeat
     /// without `extend` renews by this much.
     pub duration_ms: u64,
@@ -194,18 +194,18 @@ pub struct Request {
     #[serde(default)]
     pub fairness_key: String,
     /// When it was submitted.
-    pub created_at: Ts,
+    pub created_at: DateTime<Utc>,
     /// When it last changed.
-    pub updated_at: Ts,
+    pub updated_at: DateTime<Utc>,
     /// Not claimed before this time (delay, retry backoff).
     #[serde(default)]
-    pub run_after: Option<Ts>,
+    pub run_after: Option<DateTime<Utc>>,
     /// Expires if not finished by then.
     #[serde(default)]
-    pub deadline: Option<Ts>,
+    pub deadline: Option<DateTime<Utc>>,
     /// When it reached a terminal state.
     #[serde(default)]
-    pub finished_at: Option<Ts>,
+    pub finished_at: Option<DateTime<Utc>>,
 
     /// The tenant that owns it (private).
     #[serde(skip)]
@@ -224,7 +224,7 @@ pub struct Request {
 
 impl Request {
     /// Whether `token` is the live lease at `now`.
-    pub fn lease_is(&self, token: &str, now: Ts) -> bool {
+    pub fn lease_is(&self, token: &str, now: DateTime<Utc>) -> bool {
         self.status == Status::Running
             && self.lease.as_ref().is_some_and(|l| l.token == token && l.expires_at > now)
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::clock::Ts;
+use chrono::{DateTime, Utc};
 use crate::history::HistoryEvent;
 use crate::model::{ErrorInfo, ReplyTo, Request, Status};
 
@@ -81,9 +81,9 @@ pub struct ClaimedRequest {
     /// The fencing token for heartbeat, complete and fail.
     pub lease_token: String,
     /// When the lease runs out unless renewed.
-    pub lease_expires_at: Ts,
+    pub lease_expires_at: DateTime<Utc>,
     /// The request's deadline, if any.
-    pub deadline: Option<Ts>,
+    pub deadline: Option<DateTime<Utc>>,
     /// The client's correlation id.
     pub correlation_id: Option<String>,
     /// The client's metadata.
@@ -138,7 +138,7 @@ pub struct HeartbeatBody {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     /// The renewed lease end.
-    pub lease_expires_at: Ts,
+    pub lease_expires_at: DateTime<Utc>,
     /// The client asked to cancel: stop and call `fail`.
     pub cancel_requested: bool,
 }

@@ -1,1 +1,131 @@
-//! placeholder
+//! # coatcheck-server
+//!
+//! The coatcheck server as a library (the `coatcheck serve` binary is a thin
+//! wrapper). Start it with [`run`] — a config, a bound listener and a
+//! shutdown token — or with [`Server::start`] to keep a handle (tests do).
+//!
+//! The parts:
+//! - [`engine`]: the one path every change takes (rules → store → notify).
+//! - [`notify`]: the in-process hub that wakes long-polls and claims.
+//! - [`api`]: the HTTP contract of API.md; every error a problem document.
+//! - [`tasks`]: the lease reaper, deadline expirer and delayed-run
+//!   scheduler, each sleeping until its next due time.
+//!
+//! What it deliberately does not do: poll on a timer, hold request state in
+//! memory (the store is the truth, so any node may die), or re-encode
+//! payloads (input and output bytes are stored as received).
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod notify;
+pub mod tasks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use coatcheck_store::{Store, StoreOptions};
+use coatcheck_store_sqlite::SqliteStore;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, StoreConfig};
+pub use engine::Engine;
+
+/// Opens the configured store (applying migrations, taking locks).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let opts = StoreOptions { retry: config.retry };
+    match &config.store {
+        StoreConfig::Embedded { dir } => {
+            let dir = dir.clone();
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(dir, opts)).await??;
+            Ok(Arc::new(store))
+        }
+        StoreConfig::Postgres { .. } => {
+            anyhow::bail!("the PostgreSQL store is not available in this build yet")
+        }
+    }
+}
+
+/// A running server.
+pub struct Server {
+    engine: Arc<Engine>,
+    addr: SocketAddr,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addr", &self.addr).finish()
+    }
+}
+
+impl Server {
+    /// Opens the store, starts the background tasks and serves on
+    /// `listener` until `shutdown` fires; then drains in-flight calls (up to
+    /// the configured grace) and closes the store.
+    pub async fn start(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<Server> {
+        let store = open_store(&config).await?;
+        Self::start_with_store(store, config, listener, shutdown).await
+    }
+
+    /// Like [`Server::start`] over an already opened store.
+    pub async fn start_with_store(
+        store: Arc<dyn Store>,
+        config: Config,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Server> {
+        let addr = listener.local_addr().context("listener has no address")?;
+        let grace = config.shutdown_grace;
+        let engine = Arc::new(Engine::new(store, config, shutdown.clone()));
+        let tasks = TaskTracker::new();
+        tasks.spawn(tasks::reaper::run(engine.clone()));
+        tasks.spawn(tasks::expirer::run(engine.clone()));
+        tasks.spawn(tasks::scheduler::run(engine.clone()));
+        tasks.close();
+        let app = api::router(engine.clone());
+        let e = engine.clone();
+        let handle = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            let serve = tokio::spawn(async move { serve.await });
+            shutdown.cancelled().await;
+            // Long-polls answer at once (they watch the same token); give
+            // in-flight calls the grace period to finish.
+            match tokio::time::timeout(grace, serve).await {
+                Ok(res) => res.context("server task failed")?.context("serving failed")?,
+                Err(_) => tracing::warn!("in-flight calls did not finish within the grace period"),
+            }
+            tasks.wait().await;
+            e.store.store_close().await;
+            Ok(())
+        });
+        Ok(Server { engine, addr, handle })
+    }
+
+    /// The engine (tests use it to move a manual clock).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The address it serves on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits until it has stopped.
+    pub async fn join(self) -> anyhow::Result<()> {
+        self.handle.await.context("server task panicked")?
+    }
+}
+
+/// Serves until `shutdown` fires, then drains and closes the store.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Server::start(config, listener, shutdown).await?.join().await
+}

@@ -1,1 +1,288 @@
-//! placeholder
+//! # coatcheck-store
+//!
+//! The **internal** storage seam of coatcheck. The server's engine talks to a
+//! [`Store`]; the embedded SQLite store and the PostgreSQL store implement it.
+//! It is not a public plugin API and may change with any release.
+//!
+//! Key decisions:
+//! - A store never decides what a transition does: it loads the request,
+//!   calls the pure rule in `coatcheck_core::rules`, and persists the request
+//!   and its history events in one transaction. Every store therefore behaves
+//!   the same by construction, and the conformance suite
+//!   (feature `conformance`) proves it.
+//! - All time comes in through the params (`now`), so tests drive leases,
+//!   backoff and deadlines with a manual clock.
+//! - Methods read like an index: Noun + Verb, a params struct, batch forms
+//!   where the protocol batches (claims take `max`, settlements are a batch).
+//! - Errors are classified into kinds the engine acts on ([`StoreError`]);
+//!   nothing above a store matches SQLite or PostgreSQL codes.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use coatcheck_core::rules::{CancelOutcome, NewRequest};
+use coatcheck_core::{ErrorInfo, HistoryEvent, Request, RetryPolicy, RuleError, Status, Ts};
+use serde_json::value::RawValue;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+/// A store failure, classified.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No such request (or not visible to this tenant).
+    #[error("no such request")]
+    NotFound,
+    /// The transition is not allowed in the request's current state.
+    #[error("the request is {status}")]
+    WrongState {
+        /// Its current status.
+        status: Status,
+    },
+    /// The lease token is not the request's live lease (fencing).
+    #[error("the lease token is not the current lease of this request (it is {status})")]
+    LeaseLost {
+        /// Its current status.
+        status: Status,
+    },
+    /// An idempotency key was reused with a different request body.
+    #[error("the idempotency key was already used with a different request")]
+    IdempotencyMismatch,
+    /// The store cannot be reached or is shutting down; retrying later may work.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug or corrupt data.
+    #[error("store failure: {0}")]
+    Internal(String),
+}
+
+impl From<RuleError> for StoreError {
+    fn from(e: RuleError) -> Self {
+        match e {
+            RuleError::WrongState { status } => StoreError::WrongState { status },
+            RuleError::LeaseLost { status } => StoreError::LeaseLost { status },
+            _ => StoreError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Result alias for store calls.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which request, as seen by whom: `tenant: None` sees every tenant (admin,
+/// workers); `Some(t)` sees only `t`'s requests, others are [`StoreError::NotFound`].
+#[derive(Debug, Clone)]
+pub struct RequestRef {
+    /// The request id.
+    pub id: String,
+    /// The tenant scope.
+    pub tenant: Option<String>,
+}
+
+impl RequestRef {
+    /// Any tenant's request.
+    pub fn any(id: impl Into<String>) -> Self {
+        RequestRef { id: id.into(), tenant: None }
+    }
+}
+
+/// Idempotency of a submit: the key and a hash of the canonical body (queue
+/// included). Same key and hash → the existing request; same key, other hash
+/// → [`StoreError::IdempotencyMismatch`].
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    /// The client's `Idempotency-Key`.
+    pub key: String,
+    /// Hash of what was submitted.
+    pub body_hash: String,
+}
+
+/// `request_submit` params.
+#[derive(Debug, Clone)]
+pub struct SubmitParams {
+    /// The request to create.
+    pub new: NewRequest,
+    /// Optional idempotency, scoped to `new.tenant`.
+    pub idempotency: Option<Idempotency>,
+    /// Now.
+    pub now: Ts,
+}
+
+/// What a submit did.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// A new request was stored (durably).
+    Created(Request),
+    /// The idempotency key matched an earlier request; nothing new was stored.
+    Replayed(Request),
+}
+
+/// `request_claim` params.
+#[derive(Debug, Clone)]
+pub struct ClaimParams {
+    /// The queue.
+    pub queue: String,
+    /// Who claims.
+    pub worker_id: String,
+    /// At most this many.
+    pub max: u32,
+    /// The lease length.
+    pub lease: Duration,
+    /// Now.
+    pub now: Ts,
+}
+
+/// `lease_heartbeat` params.
+#[derive(Debug, Clone)]
+pub struct HeartbeatParams {
+    /// The request.
+    pub id: String,
+    /// The fencing token.
+    pub lease_token: String,
+    /// Progress to record.
+    pub progress: Option<Box<RawValue>>,
+    /// Renew by this much (default: the lease's length).
+    pub extend: Option<Duration>,
+    /// Now.
+    pub now: Ts,
+}
+
+/// How a running request is settled.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    /// Complete with this output.
+    Complete {
+        /// The output bytes as received.
+        output: Box<RawValue>,
+    },
+    /// Fail this attempt.
+    Fail {
+        /// What went wrong.
+        error: ErrorInfo,
+        /// Whether another attempt may help.
+        retryable: bool,
+        /// Wait this long before the next attempt (else the policy's backoff).
+        retry_after: Option<Duration>,
+    },
+}
+
+/// One settlement of `request_settle_many`.
+#[derive(Debug, Clone)]
+pub struct SettleParams {
+    /// The request.
+    pub id: String,
+    /// The fencing token.
+    pub lease_token: String,
+    /// Complete or fail.
+    pub settlement: Settlement,
+}
+
+/// A request after a write, and a fallback request the write created, if any.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    /// The request after the change.
+    pub request: Request,
+    /// A fallback request submitted because this one dead-lettered.
+    pub spawned: Option<Request>,
+}
+
+/// `request_list` params. Newest first (by id, which sorts by creation).
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    /// Only this tenant's (None: all).
+    pub tenant: Option<String>,
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this status.
+    pub status: Option<Status>,
+    /// Only this correlation id.
+    pub correlation_id: Option<String>,
+    /// Only ids strictly less than this (the page cursor).
+    pub before_id: Option<String>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// The earliest future times at which background work is due.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DueTimes {
+    /// The earliest lease expiry of a running request.
+    pub lease_expiry: Option<Ts>,
+    /// The earliest deadline of an unfinished request.
+    pub deadline: Option<Ts>,
+    /// The earliest `run_after` of a queued request still in the future.
+    pub run_after: Option<Ts>,
+}
+
+/// Counts for one queue.
+#[derive(Debug, Clone, Default)]
+pub struct QueueCounts {
+    /// The queue.
+    pub queue: String,
+    /// Requests by status (missing statuses are zero).
+    pub counts: Vec<(Status, u64)>,
+    /// Creation (or `run_after`) time of the oldest claimable queued request.
+    pub oldest_ready: Option<Ts>,
+}
+
+/// Configuration every store honours.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// The retry policy for failed attempts.
+    pub retry: RetryPolicy,
+}
+
+/// The storage seam. Methods in alphabetical order; all are cancel-safe in
+/// the sense that a write either commits whole or not at all.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The earliest times background work is due after `now`.
+    async fn due_times(&self, now: Ts) -> Result<DueTimes>;
+
+    /// Redrive: a `failed`, `cancelled` or `expired` request back to `queued`.
+    async fn dead_letter_redrive(&self, r: RequestRef, now: Ts) -> Result<Changed>;
+
+    /// Expires unfinished requests whose deadline is `<= now`, at most `limit`.
+    async fn deadline_expire_due(&self, now: Ts, limit: u32) -> Result<Vec<Changed>>;
+
+    /// Renews a lease and records progress.
+    async fn lease_heartbeat(&self, p: HeartbeatParams) -> Result<Changed>;
+
+    /// Requeues (or dead-letters) running requests whose lease ran out by
+    /// `now`, at most `limit`.
+    async fn lease_expire_due(&self, now: Ts, limit: u32) -> Result<Vec<Changed>>;
+
+    /// Counts by queue and status.
+    async fn queue_stats(&self, now: Ts) -> Result<Vec<QueueCounts>>;
+
+    /// Cancel: queued → cancelled; running → cancel requested.
+    async fn request_cancel(&self, r: RequestRef, now: Ts) -> Result<(CancelOutcome, Changed)>;
+
+    /// Claims up to `max` claimable requests of a queue, highest priority then
+    /// oldest first; each comes back `running` under a fresh lease. No request
+    /// is ever leased twice at once, however many claims run concurrently.
+    async fn request_claim(&self, p: ClaimParams) -> Result<Vec<Request>>;
+
+    /// One request.
+    async fn request_get(&self, r: RequestRef) -> Result<Request>;
+
+    /// A request's history after `after_seq` (0: all), oldest first.
+    async fn request_history(&self, r: RequestRef, after_seq: u64) -> Result<Vec<HistoryEvent>>;
+
+    /// A page of requests, newest first.
+    async fn request_list(&self, p: ListParams) -> Result<Vec<Request>>;
+
+    /// Completes or fails many running requests in one commit; each item's
+    /// outcome is independent of the others'.
+    async fn request_settle_many(&self, items: Vec<SettleParams>, now: Ts) -> Result<Vec<Result<Changed>>>;
+
+    /// Stores a new request durably (or finds it by idempotency key).
+    async fn request_submit(&self, p: SubmitParams) -> Result<Submitted>;
+
+    /// Stops accepting work, finishes what is pending, releases resources.
+    async fn store_close(&self);
+
+    /// Whether the store answers.
+    async fn store_ping(&self) -> Result<()>;
+}

@@ -1,0 +1,371 @@
+//! The client side of the API: submit, status (long-poll), result, history,
+//! cancel, list, redrive.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use coatcheck_core::rules::{CancelOutcome, NewRequest};
+use coatcheck_core::validate::{self, Invalid};
+use coatcheck_core::wire::{HistoryResponse, ListResponse, SubmitBody};
+use coatcheck_core::{ReplyTo, Request, Status};
+use coatcheck_store::{Idempotency, ListParams, RequestRef, SubmitParams, Submitted};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::auth::Caller;
+use super::extract::{JsonBody, QueryParams, Segment};
+use super::problem::ApiError;
+use crate::engine::Engine;
+
+/// The routes of this file.
+pub fn router() -> Router<Arc<Engine>> {
+    Router::new()
+        .route("/v1/queues/{queue}/requests", post(submit))
+        .route("/v1/requests", get(list))
+        .route("/v1/requests/{id}", get(status).delete(cancel))
+        .route("/v1/requests/{id}/result", get(result))
+        .route("/v1/requests/{id}/history", get(history))
+        .route("/v1/requests/{id}/redrive", post(redrive))
+}
+
+/// Seconds a client should wait before polling again.
+const POLL_AFTER: &str = "1";
+
+/// A request id from the path; anything that is not an id we issue is 404.
+pub fn request_ref(caller: &Caller, id: String) -> Result<RequestRef, ApiError> {
+    if !validate::request_id(&id) {
+        return Err(ApiError::not_found("the request").with("id_malformed", true));
+    }
+    Ok(RequestRef { id, tenant: caller.scope() })
+}
+
+fn location(id: &str) -> String {
+    format!("/v1/requests/{id}")
+}
+
+fn with_headers(mut resp: Response, headers: &[(HeaderName, String)]) -> Response {
+    for (k, v) in headers {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            resp.headers_mut().insert(k.clone(), v);
+        }
+    }
+    resp
+}
+
+/// Parses `Prefer: wait=N` (RFC 7240); preferences we do not understand are ignored.
+pub fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split([',', ';'])).find_map(|p| {
+        let (k, v) = p.trim().split_once('=')?;
+        if k.trim().eq_ignore_ascii_case("wait") {
+            v.trim().trim_matches('"').parse::<u64>().ok()
+        } else {
+            None
+        }
+    })
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    let s = v.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
+    let s = s.trim().trim_matches('"');
+    if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err(ApiError::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
+            .with("field", "Idempotency-Key"));
+    }
+    Ok(Some(s.to_string()))
+}
+
+/// Checks a submit body and turns it into a new request.
+pub fn new_request(engine: &Engine, tenant: &str, queue: &str, body: SubmitBody) -> Result<NewRequest, Invalid> {
+    validate::name("queue", queue)?;
+    if let Some(c) = &body.correlation_id {
+        validate::text("correlation_id", c, 256)?;
+    }
+    let delay = validate::opt_duration("delay", body.delay)?;
+    let timeout = validate::opt_duration("timeout", body.timeout)?;
+    let max_attempts = body.max_attempts.unwrap_or(engine.config.default_max_attempts);
+    if !(1..=1000).contains(&max_attempts) {
+        return Err(Invalid::new("max_attempts", "must be between 1 and 1000"));
+    }
+    match &body.reply_to {
+        Some(ReplyTo::Channel(c)) => validate::name("reply_to.channel", c)?,
+        Some(ReplyTo::Webhook(w)) => {
+            let u = w.url.to_ascii_lowercase();
+            if !(u.starts_with("https://") || u.starts_with("http://")) || w.url.len() > 2048 {
+                return Err(Invalid::new("reply_to.webhook.url", "must be an http(s) URL of at most 2048 bytes"));
+            }
+            validate::text("reply_to.webhook.url", &w.url, 2048)?;
+        }
+        None => {}
+    }
+    let metadata = body.metadata.unwrap_or_default();
+    if metadata.len() > 64 {
+        return Err(Invalid::new("metadata", "at most 64 entries"));
+    }
+    for (k, v) in &metadata {
+        validate::text("metadata", k, 128)?;
+        validate::text("metadata", v, 2048)?;
+    }
+    if let Some(f) = &body.fallback_queue {
+        validate::name("fallback_queue", f)?;
+    }
+    if let Some(f) = &body.fairness_key {
+        validate::text("fairness_key", f, 128)?;
+    }
+    Ok(NewRequest {
+        id: coatcheck_core::model::new_request_id(),
+        tenant: tenant.to_string(),
+        queue: queue.to_string(),
+        input: body.input,
+        correlation_id: body.correlation_id,
+        priority: body.priority.unwrap_or(0),
+        delay,
+        timeout,
+        max_attempts,
+        reply_to: body.reply_to,
+        metadata,
+        fallback_queue: body.fallback_queue,
+        fallback_of: None,
+        fairness_key: body.fairness_key,
+    })
+}
+
+/// A hash of what was submitted, independent of key order and whitespace.
+fn body_hash(queue: &str, raw: &[u8]) -> String {
+    let canonical = serde_json::from_slice::<serde_json::Value>(raw)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(queue.as_bytes());
+    h.update([0]);
+    h.update(canonical.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Submit a request: 202 with a ticket once it is durably stored.
+#[utoipa::path(post, path = "/v1/queues/{queue}/requests", tag = "client",
+    params(("queue" = String, Path), ("Idempotency-Key" = Option<String>, Header), ("Prefer" = Option<String>, Header, description = "wait=N")),
+    request_body = SubmitBody,
+    responses(
+        (status = 202, description = "Accepted and durably stored", body = Request),
+        (status = 200, description = "Idempotent replay, or terminal within Prefer: wait", body = Request),
+        (status = 400, body = coatcheck_core::wire::Problem), (status = 413, body = coatcheck_core::wire::Problem),
+        (status = 415, body = coatcheck_core::wire::Problem), (status = 422, body = coatcheck_core::wire::Problem)))]
+pub async fn submit(
+    State(engine): State<Arc<Engine>>,
+    caller: Caller,
+    Segment(queue): Segment,
+    headers: HeaderMap,
+    body: JsonBody<SubmitBody>,
+) -> Result<Response, ApiError> {
+    let idem = idempotency_key(&headers)?;
+    let wait = prefer_wait(&headers);
+    let new = new_request(&engine, &caller.tenant, &queue, body.value)?;
+    let idempotency = idem.map(|key| Idempotency { key, body_hash: body_hash(&queue, &body.raw) });
+    let submitted = engine.submit(SubmitParams { new, idempotency, now: engine.now() }).await?;
+    let (mut req, replayed) = match submitted {
+        Submitted::Created(r) => (r, false),
+        Submitted::Replayed(r) => (r, true),
+    };
+    let mut applied = None;
+    if let Some(n) = wait {
+        let d = Duration::from_secs(n).min(engine.config.max_wait);
+        let r = RequestRef { id: req.id.clone(), tenant: Some(caller.tenant.clone()) };
+        req = engine.wait_until(r, d, |r| r.status.is_terminal()).await?;
+        applied = Some(n);
+    }
+    let loc = location(&req.id);
+    let op = match &engine.config.public_url {
+        Some(base) => format!("{}{loc}", base.trim_end_matches('/')),
+        None => loc.clone(),
+    };
+    let mut hs = vec![(header::LOCATION, loc), (HeaderName::from_static("operation-location"), op)];
+    if let Some(n) = applied {
+        hs.push((HeaderName::from_static("preference-applied"), format!("wait={n}")));
+    }
+    let code = if replayed {
+        hs.push((HeaderName::from_static("idempotent-replayed"), "true".into()));
+        StatusCode::OK
+    } else if req.status.is_terminal() && applied.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    if !req.status.is_terminal() {
+        hs.push((header::RETRY_AFTER, POLL_AFTER.into()));
+    }
+    Ok(with_headers((code, Json(req)).into_response(), &hs))
+}
+
+#[derive(Debug, Deserialize)]
+/// `?wait=N`.
+pub struct WaitQuery {
+    /// Seconds to long-poll.
+    pub wait: Option<f64>,
+}
+
+/// Clamps a requested wait to the server's cap; negative or non-numbers are 400.
+pub fn wait_duration(engine: &Engine, wait: Option<f64>) -> Result<Duration, ApiError> {
+    let Some(w) = wait else { return Ok(Duration::ZERO) };
+    if !w.is_finite() || w < 0.0 {
+        return Err(Invalid::new("wait", "must be a non-negative number of seconds").into());
+    }
+    Ok(Duration::from_secs_f64(w.min(engine.config.max_wait.as_secs_f64())))
+}
+
+fn request_response(req: Request) -> Response {
+    let terminal = req.status.is_terminal();
+    let mut resp = Json(req).into_response();
+    if !terminal {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER));
+    }
+    resp
+}
+
+/// The status monitor: the request, long-polling with `?wait=N`.
+#[utoipa::path(get, path = "/v1/requests/{id}", tag = "client",
+    params(("id" = String, Path), ("wait" = Option<f64>, Query, description = "long-poll seconds")),
+    responses((status = 200, body = Request), (status = 404, body = coatcheck_core::wire::Problem)))]
+pub async fn status(
+    State(engine): State<Arc<Engine>>,
+    caller: Caller,
+    Segment(id): Segment,
+    QueryParams(q): QueryParams<WaitQuery>,
+) -> Result<Response, ApiError> {
+    let r = request_ref(&caller, id)?;
+    let wait = wait_duration(&engine, q.wait)?;
+    let req = engine.wait_until(r, wait, |r| r.status.is_terminal()).await?;
+    Ok(request_response(req))
+}
+
+/// The result endpoint: 200 with the output, 202 while running, 409 if it did not succeed.
+#[utoipa::path(get, path = "/v1/requests/{id}/result", tag = "client", params(("id" = String, Path)),
+    responses((status = 200, description = "The output JSON as is"), (status = 202, description = "Not finished yet"),
+        (status = 409, description = "Failed, cancelled or expired", body = coatcheck_core::wire::Problem)))]
+pub async fn result(State(engine): State<Arc<Engine>>, caller: Caller, Segment(id): Segment) -> Result<Response, ApiError> {
+    let r = request_ref(&caller, id)?;
+    let req = engine.get(r).await?;
+    match req.status {
+        Status::Succeeded => {
+            let body = req.output.map(|o| o.get().to_string()).unwrap_or_else(|| "null".into());
+            Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+        }
+        Status::Queued | Status::Running => Ok(with_headers(
+            (StatusCode::ACCEPTED, Json(&req)).into_response(),
+            &[(header::RETRY_AFTER, POLL_AFTER.into()), (header::LOCATION, location(&req.id))],
+        )),
+        status => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "request-not-succeeded",
+            "The request did not succeed",
+            format!("the request is {status}; it has no output"),
+        )
+        .with("request_status", status.as_str())
+        .with("error", serde_json::to_value(&req.error).unwrap_or_default())),
+    }
+}
+
+/// The request's timeline, oldest first.
+#[utoipa::path(get, path = "/v1/requests/{id}/history", tag = "client", params(("id" = String, Path)),
+    responses((status = 200, body = HistoryResponse), (status = 404, body = coatcheck_core::wire::Problem)))]
+pub async fn history(State(engine): State<Arc<Engine>>, caller: Caller, Segment(id): Segment) -> Result<Json<HistoryResponse>, ApiError> {
+    let r = request_ref(&caller, id)?;
+    Ok(Json(HistoryResponse { events: engine.history(r, 0).await? }))
+}
+
+/// Cancel: queued → cancelled (200); running → cancel requested (202); terminal → 409.
+#[utoipa::path(delete, path = "/v1/requests/{id}", tag = "client", params(("id" = String, Path)),
+    responses((status = 200, description = "Cancelled", body = Request), (status = 202, description = "Cancel requested of a running request", body = Request),
+        (status = 409, body = coatcheck_core::wire::Problem)))]
+pub async fn cancel(State(engine): State<Arc<Engine>>, caller: Caller, Segment(id): Segment) -> Result<Response, ApiError> {
+    let r = request_ref(&caller, id)?;
+    let (outcome, req) = engine.cancel(r).await?;
+    let code = match outcome {
+        CancelOutcome::Cancelled => StatusCode::OK,
+        CancelOutcome::Requested => StatusCode::ACCEPTED,
+    };
+    Ok((code, Json(req)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+/// The filters of a list.
+pub struct ListQuery {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this status.
+    pub status: Option<String>,
+    /// Only this correlation id.
+    pub correlation_id: Option<String>,
+    /// Page size, 1..1000.
+    pub limit: Option<u32>,
+    /// The cursor from the previous page.
+    pub page_token: Option<String>,
+}
+
+const PAGE_PREFIX: &str = "v1:";
+
+fn encode_page_token(id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{PAGE_PREFIX}{id}"))
+}
+
+fn decode_page_token(t: &str) -> Result<String, ApiError> {
+    let bad = || ApiError::bad_request("page_token is not a token this server issued").with("field", "page_token");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t).map_err(|_| bad())?;
+    let s = String::from_utf8(bytes).map_err(|_| bad())?;
+    let id = s.strip_prefix(PAGE_PREFIX).ok_or_else(bad)?;
+    if !validate::request_id(id) {
+        return Err(bad());
+    }
+    Ok(id.to_string())
+}
+
+/// List requests, newest first, with filters and page tokens.
+#[utoipa::path(get, path = "/v1/requests", tag = "client",
+    params(("queue" = Option<String>, Query), ("status" = Option<String>, Query), ("correlation_id" = Option<String>, Query),
+        ("limit" = Option<u32>, Query, description = "1..1000, default 50"), ("page_token" = Option<String>, Query)),
+    responses((status = 200, body = ListResponse), (status = 400, body = coatcheck_core::wire::Problem)))]
+pub async fn list(State(engine): State<Arc<Engine>>, caller: Caller, QueryParams(q): QueryParams<ListQuery>) -> Result<Json<ListResponse>, ApiError> {
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(Invalid::new("limit", "must be between 1 and 1000").into());
+    }
+    if let Some(queue) = &q.queue {
+        validate::name("queue", queue)?;
+    }
+    let status = match &q.status {
+        Some(s) => Some(Status::parse(s).ok_or_else(|| Invalid::new("status", "must be one of queued, running, succeeded, failed, cancelled, expired"))?),
+        None => None,
+    };
+    let before_id = q.page_token.as_deref().filter(|t| !t.is_empty()).map(decode_page_token).transpose()?;
+    let mut requests = engine
+        .list(ListParams {
+            tenant: caller.scope(),
+            queue: q.queue,
+            status,
+            correlation_id: q.correlation_id,
+            before_id,
+            limit: limit + 1,
+        })
+        .await?;
+    let next_page_token = if requests.len() > limit as usize {
+        requests.truncate(limit as usize);
+        requests.last().map(|r| encode_page_token(&r.id))
+    } else {
+        None
+    };
+    Ok(Json(ListResponse { requests, next_page_token }))
+}
+
+/// Redrive a failed, cancelled or expired request (dead-letter re-drive).
+#[utoipa::path(post, path = "/v1/requests/{id}/redrive", tag = "operations", params(("id" = String, Path)),
+    responses((status = 200, body = Request), (status = 409, body = coatcheck_core::wire::Problem)))]
+pub async fn redrive(State(engine): State<Arc<Engine>>, caller: Caller, Segment(id): Segment) -> Result<Json<Request>, ApiError> {
+    let r = request_ref(&caller, id)?;
+    Ok(Json(engine.redrive(r).await?))
+}

@@ -1,0 +1,270 @@
+//! The engine: the one path every change takes — rules (inside the store's
+//! transaction) → store → notify waiters → hint background timers → metrics.
+//! HTTP handlers parse and authorise, then call exactly one engine method.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use coatcheck_core::rules::CancelOutcome;
+use coatcheck_core::{Clock, HistoryEvent, Request, Status, Ts};
+use coatcheck_store::{
+    Changed, ClaimParams, HeartbeatParams, ListParams, RequestRef, Result, SettleParams, Settlement,
+    Store, StoreError, SubmitParams, Submitted,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::{Counter, Metrics};
+use crate::notify::{Key, Notifier};
+use crate::tasks::Timers;
+
+/// Shared state of a running server.
+pub struct Engine {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Wakes waiters.
+    pub notifier: Notifier,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The configuration.
+    pub config: Config,
+    /// Background timers to hint at new due times.
+    pub timers: Timers,
+    /// Fires when the server is stopping: long-polls answer at once.
+    pub shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// A new engine over a store.
+    pub fn new(store: Arc<dyn Store>, config: Config, shutdown: CancellationToken) -> Self {
+        Engine {
+            store,
+            notifier: Notifier::new(),
+            metrics: Metrics::default(),
+            config,
+            timers: Timers::default(),
+            shutdown,
+        }
+    }
+
+    /// Now, by the configured clock.
+    pub fn now(&self) -> Ts {
+        self.config.clock.now()
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.config.clock
+    }
+
+    /// Tells waiters and timers about a request's new state.
+    pub fn observe(&self, req: &Request, now: Ts) {
+        self.notifier.notify(&Key::Request(req.id.clone()));
+        match req.status {
+            Status::Queued => match req.run_after {
+                Some(t) if t > now => self.timers.scheduler.hint(t),
+                _ => self.notifier.notify(&Key::Queue(req.queue.clone())),
+            },
+            Status::Running => {
+                if let Some(l) = &req.lease {
+                    self.timers.reaper.hint(l.expires_at);
+                }
+            }
+            _ => {}
+        }
+        if !req.status.is_terminal() {
+            if let Some(d) = req.deadline {
+                self.timers.expirer.hint(d);
+            }
+        }
+    }
+
+    fn observe_changed(&self, c: &Changed, now: Ts) {
+        self.observe(&c.request, now);
+        let r = &c.request;
+        if r.finished_at == Some(now) {
+            self.metrics.finished(&r.queue, r.created_at, now);
+            let counter = match r.status {
+                Status::Succeeded => Some(Counter::Completed),
+                Status::Failed => Some(Counter::DeadLettered),
+                Status::Cancelled => Some(Counter::Cancelled),
+                Status::Expired => Some(Counter::Expired),
+                _ => None,
+            };
+            if let Some(counter) = counter {
+                self.metrics.add(counter, &r.queue, 1);
+            }
+        }
+        if let Some(s) = &c.spawned {
+            self.metrics.add(Counter::Submitted, &s.queue, 1);
+            self.observe(s, now);
+        }
+    }
+
+    /// Stores a new request (or finds it by idempotency key).
+    pub async fn submit(&self, mut p: SubmitParams) -> Result<Submitted> {
+        let now = self.now();
+        p.now = now;
+        let out = self.store.request_submit(p).await?;
+        if let Submitted::Created(req) = &out {
+            self.metrics.add(Counter::Submitted, &req.queue, 1);
+            self.observe(req, now);
+        }
+        Ok(out)
+    }
+
+    /// One request.
+    pub async fn get(&self, r: RequestRef) -> Result<Request> {
+        self.store.request_get(r).await
+    }
+
+    /// Waits up to `wait` until `done(request)` holds, then answers the
+    /// request as it is (at once on shutdown).
+    pub async fn wait_until(
+        &self,
+        r: RequestRef,
+        wait: Duration,
+        done: impl Fn(&Request) -> bool,
+    ) -> Result<Request> {
+        let mut sub = self.notifier.subscribe(Key::Request(r.id.clone()));
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let req = self.store.request_get(r.clone()).await?;
+            if done(&req) || wait.is_zero() || tokio::time::Instant::now() >= deadline {
+                return Ok(req);
+            }
+            tokio::select! {
+                _ = sub.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = self.shutdown.cancelled() => {
+                    return self.store.request_get(r).await;
+                }
+            }
+        }
+    }
+
+    /// A request's history after `after_seq`.
+    pub async fn history(&self, r: RequestRef, after_seq: u64) -> Result<Vec<HistoryEvent>> {
+        self.store.request_history(r, after_seq).await
+    }
+
+    /// A page of requests.
+    pub async fn list(&self, p: ListParams) -> Result<Vec<Request>> {
+        self.store.request_list(p).await
+    }
+
+    /// Cancel.
+    pub async fn cancel(&self, r: RequestRef) -> Result<(CancelOutcome, Request)> {
+        let now = self.now();
+        let (outcome, changed) = self.store.request_cancel(r, now).await?;
+        self.observe_changed(&changed, now);
+        Ok((outcome, changed.request))
+    }
+
+    /// Redrive.
+    pub async fn redrive(&self, r: RequestRef) -> Result<Request> {
+        let now = self.now();
+        let changed = self.store.dead_letter_redrive(r, now).await?;
+        self.observe_changed(&changed, now);
+        Ok(changed.request)
+    }
+
+    /// Claims up to `max` requests, long-polling up to `wait` for the first.
+    pub async fn claim(&self, queue: &str, worker_id: &str, max: u32, lease: Duration, wait: Duration) -> Result<Vec<Request>> {
+        let mut sub = self.notifier.subscribe(Key::Queue(queue.to_string()));
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let now = self.now();
+            let p = ClaimParams { queue: queue.to_string(), worker_id: worker_id.to_string(), max, lease, now };
+            let got = self.store.request_claim(p).await?;
+            if !got.is_empty() {
+                self.metrics.claimed(queue, got.len() as u64, now);
+                if let Some(first) = got.iter().filter_map(|r| r.lease.as_ref()).map(|l| l.expires_at).min() {
+                    self.timers.reaper.hint(first);
+                }
+                for r in &got {
+                    self.notifier.notify(&Key::Request(r.id.clone()));
+                }
+                return Ok(got);
+            }
+            if wait.is_zero() || tokio::time::Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                return Ok(got);
+            }
+            tokio::select! {
+                _ = sub.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = self.shutdown.cancelled() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    /// Heartbeat.
+    pub async fn heartbeat(&self, p: HeartbeatParams) -> Result<Request> {
+        let now = self.now();
+        let changed = self.store.lease_heartbeat(HeartbeatParams { now, ..p }).await?;
+        self.observe_changed(&changed, now);
+        Ok(changed.request)
+    }
+
+    /// Completes or fails many requests in one commit.
+    pub async fn settle_many(&self, items: Vec<SettleParams>) -> Result<Vec<Result<Request>>> {
+        let now = self.now();
+        let fails: Vec<bool> = items.iter().map(|i| matches!(i.settlement, Settlement::Fail { .. })).collect();
+        let results = self.store.request_settle_many(items, now).await?;
+        Ok(results
+            .into_iter()
+            .zip(fails)
+            .map(|(res, is_fail)| {
+                res.map(|changed| {
+                    if is_fail && changed.request.updated_at == now {
+                        self.metrics.add(Counter::Failed, &changed.request.queue, 1);
+                    }
+                    self.observe_changed(&changed, now);
+                    changed.request
+                })
+            })
+            .collect())
+    }
+
+    /// Settles one request.
+    pub async fn settle(&self, item: SettleParams) -> Result<Request> {
+        self.settle_many(vec![item])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Internal("settlement lost".into())))
+    }
+
+    /// Runs one round of lease expiry; returns how many changed.
+    pub async fn expire_leases(&self, limit: u32) -> Result<usize> {
+        let now = self.now();
+        let changed = self.store.lease_expire_due(now, limit).await?;
+        for c in &changed {
+            self.metrics.add(Counter::LeasesExpired, &c.request.queue, 1);
+            self.observe_changed(c, now);
+        }
+        Ok(changed.len())
+    }
+
+    /// Runs one round of deadline expiry; returns how many changed.
+    pub async fn expire_deadlines(&self, limit: u32) -> Result<usize> {
+        let now = self.now();
+        let changed = self.store.deadline_expire_due(now, limit).await?;
+        for c in &changed {
+            self.observe_changed(c, now);
+        }
+        Ok(changed.len())
+    }
+
+    /// The clock moved (tests with a manual clock): re-check every timer and
+    /// wake every claim.
+    pub fn clock_moved(&self) {
+        self.timers.wake_all();
+        self.notifier.notify_all_queues();
+    }
+}

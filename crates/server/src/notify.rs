@@ -1,0 +1,129 @@
+//! The notifier: wakes long-polls, claims and streams when something changed,
+//! so nothing ever busy-polls the store.
+//!
+//! Keys are a queue (a claimable request may be there) or a request (it
+//! changed). A waiter subscribes *before* it looks at the store and then
+//! waits for a change, so a change between the look and the wait is never
+//! lost. Each key is a `watch` channel carrying a counter; entries disappear
+//! when their last subscriber goes. Across nodes, PostgreSQL LISTEN/NOTIFY
+//! feeds the same hub.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+/// What a waiter waits on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Key {
+    /// Claimable work may have appeared in this queue.
+    Queue(String),
+    /// This request changed.
+    Request(String),
+}
+
+/// The in-process hub.
+#[derive(Debug, Default, Clone)]
+pub struct Notifier {
+    keys: Arc<Mutex<HashMap<Key, watch::Sender<u64>>>>,
+}
+
+/// A subscription; wait on it with [`Subscription::changed`].
+#[derive(Debug)]
+pub struct Subscription {
+    key: Key,
+    rx: Option<watch::Receiver<u64>>,
+    hub: Notifier,
+}
+
+impl Subscription {
+    /// Resolves at the next notification of this key after the subscription
+    /// was made (or after the previous `changed`).
+    pub async fn changed(&mut self) {
+        if let Some(rx) = self.rx.as_mut() {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        let mut keys = self.hub.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.get(&self.key).is_some_and(|tx| tx.receiver_count() == 0) {
+            keys.remove(&self.key);
+        }
+    }
+}
+
+impl Notifier {
+    /// A new, empty hub.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Subscribes to a key.
+    pub fn subscribe(&self, key: Key) -> Subscription {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = keys.entry(key.clone()).or_insert_with(|| watch::channel(0).0).subscribe();
+        Subscription { key, rx: Some(rx), hub: self.clone() }
+    }
+
+    /// Wakes every subscriber of a key.
+    pub fn notify(&self, key: &Key) {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = keys.get(key) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Wakes every subscriber of every queue (a delayed request became
+    /// claimable, or the clock moved).
+    pub fn notify_all_queues(&self) {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, tx) in keys.iter() {
+            if matches!(key, Key::Queue(_)) {
+                tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+    }
+
+    /// How many keys have subscribers (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no key has subscribers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_notification_after_subscribing_is_never_lost() {
+        let hub = Notifier::new();
+        let mut sub = hub.subscribe(Key::Request("a".into()));
+        hub.notify(&Key::Request("a".into()));
+        tokio::time::timeout(Duration::from_secs(1), sub.changed()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn other_keys_do_not_wake_and_entries_are_cleaned_up() {
+        let hub = Notifier::new();
+        let mut sub = hub.subscribe(Key::Queue("q".into()));
+        hub.notify(&Key::Queue("other".into()));
+        hub.notify(&Key::Request("q".into()));
+        assert!(tokio::time::timeout(Duration::from_millis(50), sub.changed()).await.is_err());
+        hub.notify_all_queues();
+        tokio::time::timeout(Duration::from_secs(1), sub.changed()).await.unwrap();
+        drop(sub);
+        assert!(hub.is_empty());
+    }
+}

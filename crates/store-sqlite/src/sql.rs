@@ -1,0 +1,287 @@
+//! All SQL of the embedded store, and the mapping between a row and a
+//! [`Request`]. Statements are prepared once per connection (cached).
+
+use coatcheck_core::clock::{from_micros, to_micros};
+use coatcheck_core::{EventKind, HistoryEvent, Lease, Request, Status, Ts};
+use coatcheck_store::{Result, StoreError};
+use rusqlite::{named_params, Connection, OptionalExtension, Row};
+use serde_json::value::RawValue;
+
+/// The migrations, in order; `PRAGMA user_version` is the number applied.
+pub const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+
+const COLUMNS: &str = "id, tenant, queue, status, priority, attempts, max_attempts, cancel_requested, \
+    correlation_id, input, output, error, progress, reply_to, metadata, fallback_queue, fallback_of, \
+    fallback_request_id, fairness_key, created_at, updated_at, run_after, deadline, finished_at, \
+    lease_token, lease_worker, lease_expires_at, lease_duration_ms, last_lease_token, history_seq";
+
+pub fn select_by_id() -> String {
+    format!("SELECT {COLUMNS} FROM requests WHERE id = ?1")
+}
+
+pub const INSERT: &str = "INSERT INTO requests (id, tenant, queue, status, priority, attempts, max_attempts, \
+    cancel_requested, correlation_id, input, output, error, progress, reply_to, metadata, fallback_queue, \
+    fallback_of, fallback_request_id, fairness_key, created_at, updated_at, run_after, deadline, finished_at, \
+    lease_token, lease_worker, lease_expires_at, lease_duration_ms, last_lease_token, history_seq, \
+    idempotency_key, idempotency_hash) VALUES (:id, :tenant, :queue, :status, :priority, :attempts, \
+    :max_attempts, :cancel_requested, :correlation_id, :input, :output, :error, :progress, :reply_to, \
+    :metadata, :fallback_queue, :fallback_of, :fallback_request_id, :fairness_key, :created_at, :updated_at, \
+    :run_after, :deadline, :finished_at, :lease_token, :lease_worker, :lease_expires_at, :lease_duration_ms, \
+    :last_lease_token, :history_seq, :idempotency_key, :idempotency_hash)";
+
+/// Everything a transition may change; `input`, identity and idempotency never change.
+pub const UPDATE: &str = "UPDATE requests SET status = :status, priority = :priority, attempts = :attempts, \
+    max_attempts = :max_attempts, cancel_requested = :cancel_requested, output = :output, error = :error, \
+    progress = :progress, fallback_request_id = :fallback_request_id, updated_at = :updated_at, \
+    run_after = :run_after, deadline = :deadline, finished_at = :finished_at, lease_token = :lease_token, \
+    lease_worker = :lease_worker, lease_expires_at = :lease_expires_at, lease_duration_ms = :lease_duration_ms, \
+    last_lease_token = :last_lease_token, history_seq = :history_seq WHERE id = :id";
+
+pub const INSERT_HISTORY: &str =
+    "INSERT INTO history (request_id, seq, at, event) VALUES (?1, ?2, ?3, ?4)";
+
+pub const SELECT_HISTORY: &str =
+    "SELECT seq, at, event FROM history WHERE request_id = ?1 AND seq > ?2 ORDER BY seq";
+
+pub const SELECT_IDEMPOTENCY: &str =
+    "SELECT id, idempotency_hash FROM requests WHERE tenant = ?1 AND idempotency_key = ?2";
+
+pub const SELECT_READY: &str = "SELECT id FROM requests WHERE queue = ?1 AND status = 'queued' \
+    AND (run_after IS NULL OR run_after <= ?2) ORDER BY priority DESC, seq LIMIT ?3";
+
+pub const SELECT_LEASES_DUE: &str = "SELECT id FROM requests WHERE status = 'running' \
+    AND lease_expires_at <= ?1 ORDER BY lease_expires_at LIMIT ?2";
+
+pub const SELECT_DEADLINES_DUE: &str = "SELECT id FROM requests WHERE deadline IS NOT NULL \
+    AND status IN ('queued', 'running') AND deadline <= ?1 ORDER BY deadline LIMIT ?2";
+
+pub const NEXT_LEASE_EXPIRY: &str =
+    "SELECT min(lease_expires_at) FROM requests WHERE status = 'running'";
+
+pub const NEXT_DEADLINE: &str = "SELECT min(deadline) FROM requests WHERE deadline IS NOT NULL \
+    AND status IN ('queued', 'running')";
+
+pub const NEXT_RUN_AFTER: &str = "SELECT min(run_after) FROM requests WHERE status = 'queued' \
+    AND run_after IS NOT NULL AND run_after > ?1";
+
+pub const QUEUE_COUNTS: &str =
+    "SELECT queue, status, count(*) FROM requests GROUP BY queue, status ORDER BY queue";
+
+pub const QUEUE_OLDEST_READY: &str = "SELECT queue, min(coalesce(run_after, created_at)) FROM requests \
+    WHERE status = 'queued' AND (run_after IS NULL OR run_after <= ?1) GROUP BY queue";
+
+pub fn list_query(p: &coatcheck_store::ListParams) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut sql = format!("SELECT {COLUMNS} FROM requests WHERE 1 = 1");
+    let mut args: Vec<Value> = Vec::new();
+    let mut add = |clause: &str, v: Value| {
+        args.push(v);
+        sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+    };
+    if let Some(t) = &p.tenant {
+        add("tenant =", Value::Text(t.clone()));
+    }
+    if let Some(q) = &p.queue {
+        add("queue =", Value::Text(q.clone()));
+    }
+    if let Some(s) = p.status {
+        add("status =", Value::Text(s.as_str().to_string()));
+    }
+    if let Some(c) = &p.correlation_id {
+        add("correlation_id =", Value::Text(c.clone()));
+    }
+    if let Some(b) = &p.before_id {
+        add("id <", Value::Text(b.clone()));
+    }
+    args.push(Value::Integer(p.limit as i64));
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+    (sql, args)
+}
+
+fn internal(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(e.to_string())
+}
+
+/// Classifies a SQLite error: busy/locked/IO/full are `Unavailable`.
+pub fn classify(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure | CannotOpen | ReadOnly | OutOfMemory
+            ) =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn raw(s: Option<String>) -> Result<Option<Box<RawValue>>> {
+    s.map(|s| RawValue::from_string(s).map_err(internal)).transpose()
+}
+
+fn json<T: serde::de::DeserializeOwned>(s: Option<String>) -> Result<Option<T>> {
+    s.map(|s| serde_json::from_str(&s).map_err(internal)).transpose()
+}
+
+fn ts(v: Option<i64>) -> Option<Ts> {
+    v.map(from_micros)
+}
+
+/// A row (in [`COLUMNS`] order) as a request.
+pub fn row_to_request(row: &Row<'_>) -> Result<Request> {
+    let r = |e: rusqlite::Error| internal(e);
+    let status: String = row.get(3).map_err(r)?;
+    let lease_token: Option<String> = row.get(24).map_err(r)?;
+    let lease = match lease_token {
+        Some(token) => Some(Lease {
+            token,
+            worker_id: row.get::<_, Option<String>>(25).map_err(r)?.unwrap_or_default(),
+            expires_at: from_micros(row.get::<_, Option<i64>>(26).map_err(r)?.unwrap_or(0)),
+            duration_ms: row.get::<_, Option<i64>>(27).map_err(r)?.unwrap_or(0) as u64,
+        }),
+        None => None,
+    };
+    Ok(Request {
+        id: row.get(0).map_err(r)?,
+        tenant: row.get(1).map_err(r)?,
+        queue: row.get(2).map_err(r)?,
+        status: Status::parse(&status).ok_or_else(|| internal(format!("bad status {status}")))?,
+        priority: row.get(4).map_err(r)?,
+        attempts: row.get(5).map_err(r)?,
+        max_attempts: row.get(6).map_err(r)?,
+        cancel_requested: row.get(7).map_err(r)?,
+        correlation_id: row.get(8).map_err(r)?,
+        input: RawValue::from_string(row.get(9).map_err(r)?).map_err(internal)?,
+        output: raw(row.get(10).map_err(r)?)?,
+        error: json(row.get(11).map_err(r)?)?,
+        progress: raw(row.get(12).map_err(r)?)?,
+        reply_to: json(row.get(13).map_err(r)?)?,
+        metadata: json(row.get(14).map_err(r)?)?.unwrap_or_default(),
+        fallback_queue: row.get(15).map_err(r)?,
+        fallback_of: row.get(16).map_err(r)?,
+        fallback_request_id: row.get(17).map_err(r)?,
+        fairness_key: row.get(18).map_err(r)?,
+        created_at: from_micros(row.get(19).map_err(r)?),
+        updated_at: from_micros(row.get(20).map_err(r)?),
+        run_after: ts(row.get(21).map_err(r)?),
+        deadline: ts(row.get(22).map_err(r)?),
+        finished_at: ts(row.get(23).map_err(r)?),
+        lease,
+        last_lease_token: row.get(28).map_err(r)?,
+        history_seq: row.get::<_, i64>(29).map_err(r)? as u64,
+    })
+}
+
+fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>> {
+    v.as_ref().map(|v| serde_json::to_string(v).map_err(internal)).transpose()
+}
+
+/// Loads one request by id.
+pub fn load(conn: &Connection, id: &str) -> Result<Option<Request>> {
+    let mut stmt = conn.prepare_cached(&select_by_id()).map_err(classify)?;
+    let mut rows = stmt.query([id]).map_err(classify)?;
+    match rows.next().map_err(classify)? {
+        Some(row) => Ok(Some(row_to_request(row)?)),
+        None => Ok(None),
+    }
+}
+
+/// Inserts a new request.
+pub fn insert(conn: &Connection, req: &Request, idem: Option<(&str, &str)>) -> Result<()> {
+    let metadata = if req.metadata.is_empty() { None } else { Some(&req.metadata) };
+    let lease = req.lease.as_ref();
+    let mut stmt = conn.prepare_cached(INSERT).map_err(classify)?;
+    stmt.execute(named_params! {
+        ":id": req.id, ":tenant": req.tenant, ":queue": req.queue, ":status": req.status.as_str(),
+        ":priority": req.priority, ":attempts": req.attempts, ":max_attempts": req.max_attempts,
+        ":cancel_requested": req.cancel_requested, ":correlation_id": req.correlation_id,
+        ":input": req.input.get(), ":output": req.output.as_ref().map(|o| o.get()),
+        ":error": to_json(&req.error)?, ":progress": req.progress.as_ref().map(|p| p.get()),
+        ":reply_to": to_json(&req.reply_to)?, ":metadata": to_json(&metadata)?,
+        ":fallback_queue": req.fallback_queue, ":fallback_of": req.fallback_of,
+        ":fallback_request_id": req.fallback_request_id, ":fairness_key": req.fairness_key,
+        ":created_at": to_micros(req.created_at), ":updated_at": to_micros(req.updated_at),
+        ":run_after": req.run_after.map(to_micros), ":deadline": req.deadline.map(to_micros),
+        ":finished_at": req.finished_at.map(to_micros),
+        ":lease_token": lease.map(|l| &l.token), ":lease_worker": lease.map(|l| &l.worker_id),
+        ":lease_expires_at": lease.map(|l| to_micros(l.expires_at)),
+        ":lease_duration_ms": lease.map(|l| l.duration_ms as i64),
+        ":last_lease_token": req.last_lease_token, ":history_seq": req.history_seq as i64,
+        ":idempotency_key": idem.map(|i| i.0), ":idempotency_hash": idem.map(|i| i.1),
+    })
+    .map_err(classify)?;
+    Ok(())
+}
+
+/// Writes back everything a transition may have changed.
+pub fn update(conn: &Connection, req: &Request) -> Result<()> {
+    let lease = req.lease.as_ref();
+    let mut stmt = conn.prepare_cached(UPDATE).map_err(classify)?;
+    let n = stmt
+        .execute(named_params! {
+            ":id": req.id, ":status": req.status.as_str(), ":priority": req.priority,
+            ":attempts": req.attempts, ":max_attempts": req.max_attempts,
+            ":cancel_requested": req.cancel_requested, ":output": req.output.as_ref().map(|o| o.get()),
+            ":error": to_json(&req.error)?, ":progress": req.progress.as_ref().map(|p| p.get()),
+            ":fallback_request_id": req.fallback_request_id, ":updated_at": to_micros(req.updated_at),
+            ":run_after": req.run_after.map(to_micros), ":deadline": req.deadline.map(to_micros),
+            ":finished_at": req.finished_at.map(to_micros),
+            ":lease_token": lease.map(|l| &l.token), ":lease_worker": lease.map(|l| &l.worker_id),
+            ":lease_expires_at": lease.map(|l| to_micros(l.expires_at)),
+            ":lease_duration_ms": lease.map(|l| l.duration_ms as i64),
+            ":last_lease_token": req.last_lease_token, ":history_seq": req.history_seq as i64,
+        })
+        .map_err(classify)?;
+    if n != 1 {
+        return Err(internal(format!("update of {} touched {n} rows", req.id)));
+    }
+    Ok(())
+}
+
+/// Appends history events.
+pub fn insert_history(conn: &Connection, id: &str, events: &[HistoryEvent]) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut stmt = conn.prepare_cached(INSERT_HISTORY).map_err(classify)?;
+    for e in events {
+        let body = serde_json::to_string(&e.kind).map_err(internal)?;
+        stmt.execute(rusqlite::params![id, e.seq as i64, to_micros(e.at), body])
+            .map_err(classify)?;
+    }
+    Ok(())
+}
+
+/// Reads history after `after_seq`.
+pub fn history(conn: &Connection, id: &str, after_seq: u64) -> Result<Vec<HistoryEvent>> {
+    let mut stmt = conn.prepare_cached(SELECT_HISTORY).map_err(classify)?;
+    let rows = stmt
+        .query_map(rusqlite::params![id, after_seq as i64], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?))
+        })
+        .map_err(classify)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, at, body) = row.map_err(classify)?;
+        let kind: EventKind = serde_json::from_str(&body).map_err(internal)?;
+        out.push(HistoryEvent { seq: seq as u64, at: from_micros(at), kind });
+    }
+    Ok(out)
+}
+
+/// Ids from a one-column query with two parameters.
+pub fn ids(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(classify)?;
+    let rows = stmt.query_map(params, |row| row.get::<_, String>(0)).map_err(classify)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(classify)
+}
+
+/// A single optional timestamp from a `min(...)` query.
+pub fn min_ts(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Option<Ts>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(classify)?;
+    let v: Option<i64> = stmt.query_row(params, |row| row.get(0)).optional().map_err(classify)?.flatten();
+    Ok(v.map(from_micros))
+}

@@ -1,0 +1,299 @@
+//! The single writer: one thread owns the only write connection and
+//! **group-commits**. It blocks for the first command, drains every command
+//! already waiting (up to [`MAX_BATCH`]), applies them all in one
+//! transaction (each inside its own savepoint, so one failing command cannot
+//! harm the others), commits once — one WAL fsync with `synchronous=FULL` —
+//! and only then answers every caller. Under load the batch grows by itself,
+//! so the cost of the fsync is shared by everyone who arrived meanwhile.
+
+use std::sync::mpsc;
+
+use coatcheck_core::model::{new_lease_token, new_request_id};
+use coatcheck_core::rules::{self, CancelOutcome};
+use coatcheck_core::{Request, RetryPolicy, Ts};
+use coatcheck_store::{
+    Changed, ClaimParams, HeartbeatParams, RequestRef, Result, SettleParams, Settlement, StoreError,
+    SubmitParams, Submitted,
+};
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use crate::sql;
+
+/// The most commands one transaction takes.
+pub const MAX_BATCH: usize = 512;
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// A write command.
+pub enum Cmd {
+    Submit(SubmitParams, Reply<Submitted>),
+    Claim(ClaimParams, Reply<Vec<Request>>),
+    Heartbeat(HeartbeatParams, Reply<Changed>),
+    Settle(Vec<SettleParams>, Ts, Reply<Vec<Result<Changed>>>),
+    Cancel(RequestRef, Ts, Reply<(CancelOutcome, Changed)>),
+    Redrive(RequestRef, Ts, Reply<Changed>),
+    ExpireLeases(Ts, u32, Reply<Vec<Changed>>),
+    ExpireDeadlines(Ts, u32, Reply<Vec<Changed>>),
+}
+
+/// An answer held back until the commit: called with the commit's error, if any.
+type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+fn pending<T: Send + 'static>(tx: Reply<T>, res: Result<T>) -> Pending {
+    Box::new(move |commit_err| {
+        let res = match commit_err {
+            Some(e) => Err(e.clone()),
+            None => res,
+        };
+        let _ = tx.send(res);
+    })
+}
+
+/// Runs the writer loop until every sender is gone.
+pub fn run(conn: Connection, rx: mpsc::Receiver<Cmd>, retry: RetryPolicy) {
+    let w = Writer { conn, retry };
+    while let Ok(first) = rx.recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        w.apply_batch(batch);
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    retry: RetryPolicy,
+}
+
+impl Writer {
+    fn apply_batch(&self, batch: Vec<Cmd>) {
+        let mut answers: Vec<Pending> = Vec::with_capacity(batch.len());
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE").map_err(sql::classify) {
+            for cmd in batch {
+                answers.push(self.refuse(cmd, e.clone()));
+            }
+            answers.into_iter().for_each(|a| a(None));
+            return;
+        }
+        for cmd in batch {
+            answers.push(self.apply_in_savepoint(cmd));
+        }
+        let commit_err = self.conn.execute_batch("COMMIT").map_err(sql::classify).err();
+        if commit_err.is_some() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        for a in answers {
+            a(commit_err.as_ref());
+        }
+    }
+
+    fn refuse(&self, cmd: Cmd, e: StoreError) -> Pending {
+        match cmd {
+            Cmd::Submit(_, tx) => pending(tx, Err(e)),
+            Cmd::Claim(_, tx) => pending(tx, Err(e)),
+            Cmd::Heartbeat(_, tx) => pending(tx, Err(e)),
+            Cmd::Settle(_, _, tx) => pending(tx, Err(e)),
+            Cmd::Cancel(_, _, tx) => pending(tx, Err(e)),
+            Cmd::Redrive(_, _, tx) => pending(tx, Err(e)),
+            Cmd::ExpireLeases(_, _, tx) => pending(tx, Err(e)),
+            Cmd::ExpireDeadlines(_, _, tx) => pending(tx, Err(e)),
+        }
+    }
+
+    /// Applies one command inside a savepoint; on error its writes are undone.
+    fn apply_in_savepoint(&self, cmd: Cmd) -> Pending {
+        if let Err(e) = self.conn.execute_batch("SAVEPOINT cmd").map_err(sql::classify) {
+            return self.refuse(cmd, e);
+        }
+        let (ok, answer) = match cmd {
+            Cmd::Submit(p, tx) => self.finish(tx, self.submit(p)),
+            Cmd::Claim(p, tx) => self.finish(tx, self.claim(p)),
+            Cmd::Heartbeat(p, tx) => self.finish(tx, self.heartbeat(p)),
+            Cmd::Settle(items, now, tx) => self.finish(tx, self.settle_many(items, now)),
+            Cmd::Cancel(r, now, tx) => self.finish(tx, self.cancel(r, now)),
+            Cmd::Redrive(r, now, tx) => self.finish(tx, self.redrive(r, now)),
+            Cmd::ExpireLeases(now, limit, tx) => self.finish(tx, self.expire_leases(now, limit)),
+            Cmd::ExpireDeadlines(now, limit, tx) => self.finish(tx, self.expire_deadlines(now, limit)),
+        };
+        let end = if ok { "RELEASE cmd" } else { "ROLLBACK TO cmd; RELEASE cmd" };
+        if let Err(e) = self.conn.execute_batch(end) {
+            tracing::error!(error = %e, "savepoint end failed");
+        }
+        answer
+    }
+
+    fn finish<T: Send + 'static>(&self, tx: Reply<T>, res: Result<T>) -> (bool, Pending) {
+        (res.is_ok(), pending(tx, res))
+    }
+
+    fn load(&self, r: &RequestRef) -> Result<Request> {
+        let req = sql::load(&self.conn, &r.id)?.ok_or(StoreError::NotFound)?;
+        match &r.tenant {
+            Some(t) if *t != req.tenant => Err(StoreError::NotFound),
+            _ => Ok(req),
+        }
+    }
+
+    fn save(&self, req: &Request, events: &[coatcheck_core::HistoryEvent]) -> Result<()> {
+        sql::update(&self.conn, req)?;
+        sql::insert_history(&self.conn, &req.id, events)
+    }
+
+    fn submit(&self, p: SubmitParams) -> Result<Submitted> {
+        if let Some(idem) = &p.idempotency {
+            let mut stmt = self.conn.prepare_cached(sql::SELECT_IDEMPOTENCY).map_err(sql::classify)?;
+            let mut rows = stmt.query([&p.new.tenant, &idem.key]).map_err(sql::classify)?;
+            if let Some(row) = rows.next().map_err(sql::classify)? {
+                let id: String = row.get(0).map_err(sql::classify)?;
+                let hash: Option<String> = row.get(1).map_err(sql::classify)?;
+                if hash.as_deref() != Some(idem.body_hash.as_str()) {
+                    return Err(StoreError::IdempotencyMismatch);
+                }
+                let req = sql::load(&self.conn, &id)?.ok_or(StoreError::NotFound)?;
+                return Ok(Submitted::Replayed(req));
+            }
+        }
+        let (req, events) = rules::submit(p.new, p.now);
+        let idem = p.idempotency.as_ref().map(|i| (i.key.as_str(), i.body_hash.as_str()));
+        sql::insert(&self.conn, &req, idem)?;
+        sql::insert_history(&self.conn, &req.id, &events)?;
+        Ok(Submitted::Created(req))
+    }
+
+    fn claim(&self, p: ClaimParams) -> Result<Vec<Request>> {
+        let mut out = Vec::with_capacity(p.max as usize);
+        // Candidates whose deadline passed are skipped by the rule; fetch a
+        // few extra so they do not starve the claim.
+        let ids = sql::ids(
+            &self.conn,
+            sql::SELECT_READY,
+            rusqlite::params![p.queue, coatcheck_core::clock::to_micros(p.now), (p.max as i64) * 2 + 8],
+        )?;
+        for id in ids {
+            if out.len() >= p.max as usize {
+                break;
+            }
+            let Some(mut req) = sql::load(&self.conn, &id)? else { continue };
+            match rules::claim(&mut req, &p.worker_id, p.lease, new_lease_token(), p.now) {
+                Ok(events) => {
+                    self.save(&req, &events)?;
+                    out.push(req);
+                }
+                Err(_) => continue,
+            }
+        }
+        Ok(out)
+    }
+
+    fn heartbeat(&self, p: HeartbeatParams) -> Result<Changed> {
+        let mut req = self.load(&RequestRef::any(p.id))?;
+        let events = rules::heartbeat(&mut req, &p.lease_token, p.progress, p.extend, p.now)?;
+        self.save(&req, &events)?;
+        Ok(Changed { request: req, spawned: None })
+    }
+
+    fn settle_many(&self, items: Vec<SettleParams>, now: Ts) -> Result<Vec<Result<Changed>>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            self.conn.execute_batch("SAVEPOINT item").map_err(sql::classify)?;
+            let res = self.settle(item, now);
+            let end = if res.is_ok() { "RELEASE item" } else { "ROLLBACK TO item; RELEASE item" };
+            self.conn.execute_batch(end).map_err(sql::classify)?;
+            out.push(res);
+        }
+        Ok(out)
+    }
+
+    fn settle(&self, item: SettleParams, now: Ts) -> Result<Changed> {
+        let mut req = self.load(&RequestRef::any(item.id))?;
+        let events = match item.settlement {
+            Settlement::Complete { output } => rules::complete(&mut req, &item.lease_token, output, now)?,
+            Settlement::Fail { error, retryable, retry_after } => rules::fail(
+                &mut req,
+                &item.lease_token,
+                error,
+                retryable,
+                retry_after,
+                &self.retry,
+                rand::random::<f64>(),
+                now,
+            )?,
+        };
+        self.after_transition(req, events, now)
+    }
+
+    /// Saves a transitioned request; if it just dead-lettered with a fallback
+    /// queue, also submits the fallback, in the same transaction.
+    fn after_transition(
+        &self,
+        mut req: Request,
+        mut events: Vec<coatcheck_core::HistoryEvent>,
+        now: Ts,
+    ) -> Result<Changed> {
+        let mut spawned = None;
+        if !events.is_empty() {
+            if let Some((new, more)) = rules::fallback(&mut req, new_request_id(), now) {
+                events.extend(more);
+                let (fb, fb_events) = rules::submit(new, now);
+                sql::insert(&self.conn, &fb, None)?;
+                sql::insert_history(&self.conn, &fb.id, &fb_events)?;
+                spawned = Some(fb);
+            }
+        }
+        self.save(&req, &events)?;
+        Ok(Changed { request: req, spawned })
+    }
+
+    fn cancel(&self, r: RequestRef, now: Ts) -> Result<(CancelOutcome, Changed)> {
+        let mut req = self.load(&r)?;
+        let (outcome, events) = rules::cancel(&mut req, now)?;
+        self.save(&req, &events)?;
+        Ok((outcome, Changed { request: req, spawned: None }))
+    }
+
+    fn redrive(&self, r: RequestRef, now: Ts) -> Result<Changed> {
+        let mut req = self.load(&r)?;
+        let events = rules::redrive(&mut req, now)?;
+        self.save(&req, &events)?;
+        Ok(Changed { request: req, spawned: None })
+    }
+
+    fn expire_leases(&self, now: Ts, limit: u32) -> Result<Vec<Changed>> {
+        let ids = sql::ids(
+            &self.conn,
+            sql::SELECT_LEASES_DUE,
+            rusqlite::params![coatcheck_core::clock::to_micros(now), limit as i64],
+        )?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let mut req = self.load(&RequestRef::any(id))?;
+            if let Ok(events) = rules::expire_lease(&mut req, now) {
+                out.push(self.after_transition(req, events, now)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn expire_deadlines(&self, now: Ts, limit: u32) -> Result<Vec<Changed>> {
+        let ids = sql::ids(
+            &self.conn,
+            sql::SELECT_DEADLINES_DUE,
+            rusqlite::params![coatcheck_core::clock::to_micros(now), limit as i64],
+        )?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let mut req = self.load(&RequestRef::any(id))?;
+            if let Ok(events) = rules::expire_deadline(&mut req, now) {
+                self.save(&req, &events)?;
+                out.push(Changed { request: req, spawned: None });
+            }
+        }
+        Ok(out)
+    }
+}
