@@ -1,1 +1,47 @@
-fn main() {}
+//! `coatcheck`: the server, the worker runner and the command-line client in
+//! one binary. `main` stays thin: parse once, run one subcommand, turn its
+//! outcome into one line and an exit code.
+
+mod cmd;
+mod exit;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+/// coatcheck — Asynchronous Request-Reply: hand a request in, get a ticket,
+/// get the reply when it is ready.
+#[derive(Debug, Parser)]
+#[command(name = "coatcheck", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(cmd::serve::Args),
+    /// Submit a request; prints its id (or, with --wait, its output).
+    Submit(cmd::submit::Args),
+    /// Show a request.
+    Status(cmd::status::Args),
+    /// Wait for a request to finish; the exit code tells the outcome.
+    Wait(cmd::wait::Args),
+    /// Cancel a request.
+    Cancel(cmd::cancel::Args),
+    /// Show the queues: counts by status, oldest queued age, claim rate.
+    Queues(cmd::queues::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Command::Serve(a) => cmd::serve::main(a),
+        Command::Submit(a) => cmd::client_main(|| cmd::submit::run(a)),
+        Command::Status(a) => cmd::client_main(|| cmd::status::run(a)),
+        Command::Wait(a) => cmd::client_main(|| cmd::wait::run(a)),
+        Command::Cancel(a) => cmd::client_main(|| cmd::cancel::run(a)),
+        Command::Queues(a) => cmd::client_main(|| cmd::queues::run(a)),
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,139 @@
+//! `coatcheck serve`: flags and environment become one validated
+//! [`Config`], then the server library runs until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args as ClapArgs;
+use coatcheck_server::{Config, Server, StoreConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::cmd::one_line;
+use crate::exit;
+
+/// `coatcheck serve` flags; each also reads a `COATCHECK_*` variable.
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// The address to listen on.
+    #[arg(long, env = "COATCHECK_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// The data directory of the embedded store.
+    #[arg(long, env = "COATCHECK_DATA", default_value = "./coatcheck-data")]
+    pub data: PathBuf,
+    /// A store URL instead of the embedded store (postgres://user@host/db).
+    #[arg(long, env = "COATCHECK_STORE")]
+    pub store: Option<String>,
+    /// The externally visible base URL; makes Operation-Location absolute.
+    #[arg(long, env = "COATCHECK_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// The largest request body, in bytes.
+    #[arg(long, env = "COATCHECK_MAX_BODY", default_value_t = 1024 * 1024)]
+    pub max_body: usize,
+    /// The cap on long-poll waits, in seconds (at least 60).
+    #[arg(long, env = "COATCHECK_MAX_WAIT", default_value_t = 60.0)]
+    pub max_wait: f64,
+    /// Serve on a non-loopback address without API keys (anyone who can
+    /// reach the port may do anything). For trusted networks only.
+    #[arg(long, env = "COATCHECK_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+}
+
+fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
+    let addr: SocketAddr = a
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {:?} is not an address like 127.0.0.1:8080", a.listen))?;
+    if !addr.ip().is_loopback() && !a.insecure_no_auth {
+        bail!(
+            "refusing to listen on the non-loopback address {addr} without API keys; \
+             listen on 127.0.0.1, or pass --insecure-no-auth for a trusted network"
+        );
+    }
+    if !a.max_wait.is_finite() || a.max_wait < 60.0 || a.max_wait > 86_400.0 {
+        bail!("--max-wait must be between 60 and 86400 seconds (got {})", a.max_wait);
+    }
+    if a.max_body < 1024 || a.max_body > 256 * 1024 * 1024 {
+        bail!("--max-body must be between 1024 bytes and 256 MiB (got {})", a.max_body);
+    }
+    let mut config = Config::embedded(a.data.clone());
+    if let Some(url) = &a.store {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            config.store = StoreConfig::Postgres { url: url.clone() };
+        } else {
+            bail!("--store must be a postgres:// URL (omit it for the embedded store in --data)");
+        }
+    }
+    if let Some(u) = &a.public_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            bail!("--public-url must start with http:// or https://");
+        }
+        config.public_url = Some(u.trim_end_matches('/').to_string());
+    }
+    config.max_body = a.max_body;
+    config.max_wait = Duration::from_secs_f64(a.max_wait);
+    Ok((addr, config))
+}
+
+fn describe(store: &StoreConfig) -> String {
+    match store {
+        StoreConfig::Embedded { dir } => format!("embedded store in {}", dir.display()),
+        StoreConfig::Postgres { .. } => "PostgreSQL store".into(),
+    }
+}
+
+/// Runs the server; the exit code is 0 after a clean shutdown.
+pub fn main(a: Args) -> i32 {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return exit::ERROR;
+        }
+    };
+    match rt.block_on(serve(a)) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            exit::ERROR
+        }
+    }
+}
+
+async fn serve(a: Args) -> anyhow::Result<()> {
+    let (addr, config) = config(&a)?;
+    let what = describe(&config.store);
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let shutdown = CancellationToken::new();
+    let server = Server::start(config, listener, shutdown.clone()).await?;
+    // The one line that says it is ready (tests and scripts wait for it).
+    println!("coatcheck ready: listening on http://{} ({what})", server.addr());
+    tracing::info!(addr = %server.addr(), "coatcheck ready");
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining in-flight calls");
+        shutdown.cancel();
+    });
+    server.join().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

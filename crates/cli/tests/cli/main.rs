@@ -1,0 +1,6 @@
+//! Tests of the `coatcheck` binary as users and operators run it: real
+//! processes, real signals, real HTTP.
+
+mod commands;
+mod crash;
+mod proc;
