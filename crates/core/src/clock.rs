@@ -20,7 +20,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Ts {
-        chrono::Utc::now()
+        truncate(chrono::Utc::now())
     }
 }
 
@@ -38,13 +38,15 @@ impl ManualClock {
 
     /// A manual clock starting at `at`.
     pub fn starting_at(at: Ts) -> Self {
-        ManualClock { now: Mutex::new(at) }
+        ManualClock {
+            now: Mutex::new(truncate(at)),
+        }
     }
 
     /// Moves the clock forward by `by`.
     pub fn advance(&self, by: Duration) {
         let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
-        *now += chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX);
+        *now = add(*now, by);
     }
 }
 
@@ -60,8 +62,16 @@ impl Clock for ManualClock {
     }
 }
 
-/// Adds a std duration to a timestamp, saturating far in the future.
+/// Drops sub-microsecond precision: stores keep microseconds, so every
+/// time a rule computes is whole microseconds and reads back identical.
+pub fn truncate(ts: Ts) -> Ts {
+    from_micros(ts.timestamp_micros())
+}
+
+/// Adds a std duration (whole microseconds of it) to a timestamp,
+/// saturating far in the future.
 pub fn add(ts: Ts, d: Duration) -> Ts {
+    let d = Duration::from_micros(d.as_micros().min(u64::MAX as u128) as u64);
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| ts.checked_add_signed(d))

@@ -2,12 +2,15 @@
 //! per-request sequence (`seq`) that SSE uses as its event id.
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
-use chrono::{DateTime, Utc};
 use crate::model::{ErrorInfo, Status};
+use chrono::{DateTime, Utc};
 
 /// One entry of a request's history.
+///
+/// Payloads inside events are `serde_json::Value`, not raw bytes: the
+/// `kind` tag makes serde buffer the event, and raw values cannot be read
+/// back from that buffer. History is not on the hot path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryEvent {
@@ -46,7 +49,7 @@ pub enum EventKind {
     Progress {
         /// The progress JSON as the worker sent it.
         #[cfg_attr(feature = "openapi", schema(value_type = Object))]
-        progress: Box<RawValue>,
+        progress: serde_json::Value,
     },
     /// An attempt failed and the request was put back in the queue.
     AttemptFailed {

@@ -93,13 +93,17 @@ pub struct ErrorInfo {
     /// Anything else the worker wanted to say, as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
-    pub details: Option<Box<RawValue>>,
+    pub details: Option<serde_json::Value>,
 }
 
 impl ErrorInfo {
     /// An error with a code and a message.
     pub fn new(code: &str, message: impl Into<String>) -> Self {
-        ErrorInfo { code: Some(code.to_string()), message: message.into(), details: None }
+        ErrorInfo {
+            code: Some(code.to_string()),
+            message: message.into(),
+            details: None,
+        }
     }
 }
 
@@ -226,7 +230,10 @@ impl Request {
     /// Whether `token` is the live lease at `now`.
     pub fn lease_is(&self, token: &str, now: DateTime<Utc>) -> bool {
         self.status == Status::Running
-            && self.lease.as_ref().is_some_and(|l| l.token == token && l.expires_at > now)
+            && self
+                .lease
+                .as_ref()
+                .is_some_and(|l| l.token == token && l.expires_at > now)
     }
 
     /// Whether the outputs of two requests are the same JSON text.

@@ -31,10 +31,17 @@ impl RetryPolicy {
     /// The delay after failed attempt number `attempt` (1-based), given a
     /// random number `r` in `[0, 1)`.
     pub fn delay(&self, attempt: u32, r: f64) -> Duration {
-        let exp = self.factor.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
+        let exp = self
+            .factor
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(64) as i32);
         let full = (self.base.as_secs_f64() * exp).min(self.max.as_secs_f64());
         let jitter = self.jitter.clamp(0.0, 1.0);
-        let r = if r.is_finite() { r.clamp(0.0, 1.0) } else { 0.0 };
+        let r = if r.is_finite() {
+            r.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         Duration::from_secs_f64(full * (1.0 - jitter) + full * jitter * r)
     }
 }
@@ -45,7 +52,10 @@ mod tests {
 
     #[test]
     fn grows_exponentially_and_caps() {
-        let p = RetryPolicy { jitter: 0.0, ..Default::default() };
+        let p = RetryPolicy {
+            jitter: 0.0,
+            ..Default::default()
+        };
         assert_eq!(p.delay(1, 0.7), Duration::from_secs(1));
         assert_eq!(p.delay(2, 0.7), Duration::from_secs(2));
         assert_eq!(p.delay(4, 0.7), Duration::from_secs(8));

@@ -70,7 +70,11 @@ pub struct NewRequest {
 fn push(req: &mut Request, now: Ts, kind: EventKind, out: &mut Vec<HistoryEvent>) {
     req.history_seq += 1;
     req.updated_at = now;
-    out.push(HistoryEvent { seq: req.history_seq, at: now, kind });
+    out.push(HistoryEvent {
+        seq: req.history_seq,
+        at: now,
+        kind,
+    });
 }
 
 fn finish(req: &mut Request, status: Status, now: Ts) {
@@ -124,7 +128,15 @@ pub fn submit(new: NewRequest, now: Ts) -> (Request, Vec<HistoryEvent>) {
         history_seq: 0,
     };
     let mut out = Vec::with_capacity(1);
-    push(&mut req, now, EventKind::Submitted { queue: new.queue, run_after }, &mut out);
+    push(
+        &mut req,
+        now,
+        EventKind::Submitted {
+            queue: new.queue,
+            run_after,
+        },
+        &mut out,
+    );
     (req, out)
 }
 
@@ -183,8 +195,9 @@ pub fn heartbeat(
     req.updated_at = now;
     let mut out = Vec::new();
     if let Some(progress) = progress {
-        req.progress = Some(progress.clone());
-        push(req, now, EventKind::Progress { progress }, &mut out);
+        let value = serde_json::from_str(progress.get()).unwrap_or(serde_json::Value::Null);
+        req.progress = Some(progress);
+        push(req, now, EventKind::Progress { progress: value }, &mut out);
     }
     Ok(out)
 }
@@ -205,7 +218,14 @@ pub fn complete(
     req.output = Some(output);
     req.error = None;
     let mut out = Vec::with_capacity(1);
-    push(req, now, EventKind::Succeeded { attempt: req.attempts }, &mut out);
+    push(
+        req,
+        now,
+        EventKind::Succeeded {
+            attempt: req.attempts,
+        },
+        &mut out,
+    );
     Ok(out)
 }
 
@@ -239,12 +259,24 @@ pub fn fail(
         req.status = Status::Queued;
         req.run_after = Some(run_after);
         req.error = Some(error.clone());
-        let kind = EventKind::AttemptFailed { attempt: req.attempts, error, run_after };
+        let kind = EventKind::AttemptFailed {
+            attempt: req.attempts,
+            error,
+            run_after,
+        };
         push(req, now, kind, &mut out);
     } else {
         finish(req, Status::Failed, now);
         req.error = Some(error.clone());
-        push(req, now, EventKind::Failed { attempt: req.attempts, error }, &mut out);
+        push(
+            req,
+            now,
+            EventKind::Failed {
+                attempt: req.attempts,
+                error,
+            },
+            &mut out,
+        );
     }
     Ok(out)
 }
@@ -260,7 +292,11 @@ pub fn expire_lease(req: &mut Request, now: Ts) -> Result<Vec<HistoryEvent>, Rul
     if !lease_expired(req, now) {
         return Err(RuleError::WrongState { status: req.status });
     }
-    let worker_id = req.lease.as_ref().map(|l| l.worker_id.clone()).unwrap_or_default();
+    let worker_id = req
+        .lease
+        .as_ref()
+        .map(|l| l.worker_id.clone())
+        .unwrap_or_default();
     let attempt = req.attempts;
     let next_status = if req.cancel_requested {
         finish(req, Status::Cancelled, now);
@@ -282,7 +318,16 @@ pub fn expire_lease(req: &mut Request, now: Ts) -> Result<Vec<HistoryEvent>, Rul
         Status::Failed
     };
     let mut out = Vec::with_capacity(2);
-    push(req, now, EventKind::LeaseExpired { worker_id, attempt, next_status }, &mut out);
+    push(
+        req,
+        now,
+        EventKind::LeaseExpired {
+            worker_id,
+            attempt,
+            next_status,
+        },
+        &mut out,
+    );
     match next_status {
         Status::Cancelled => push(req, now, EventKind::Cancelled, &mut out),
         Status::Failed => {
@@ -373,7 +418,11 @@ pub fn redrive(req: &mut Request, now: Ts) -> Result<Vec<HistoryEvent>, RuleErro
 /// fallback request to submit (same input, correlation id, reply_to,
 /// metadata), and the `fallback_submitted` event recorded on the first one.
 /// `None` if it has no fallback queue or already has a fallback.
-pub fn fallback(req: &mut Request, new_id: String, now: Ts) -> Option<(NewRequest, Vec<HistoryEvent>)> {
+pub fn fallback(
+    req: &mut Request,
+    new_id: String,
+    now: Ts,
+) -> Option<(NewRequest, Vec<HistoryEvent>)> {
     if req.status != Status::Failed || req.fallback_request_id.is_some() {
         return None;
     }
@@ -396,7 +445,15 @@ pub fn fallback(req: &mut Request, new_id: String, now: Ts) -> Option<(NewReques
     };
     req.fallback_request_id = Some(new_id.clone());
     let mut out = Vec::with_capacity(1);
-    push(req, now, EventKind::FallbackSubmitted { fallback_request_id: new_id, queue }, &mut out);
+    push(
+        req,
+        now,
+        EventKind::FallbackSubmitted {
+            fallback_request_id: new_id,
+            queue,
+        },
+        &mut out,
+    );
     Some((new, out))
 }
 

@@ -19,7 +19,10 @@ pub struct Invalid {
 impl Invalid {
     /// A new validation failure.
     pub fn new(field: &str, message: impl Into<String>) -> Self {
-        Invalid { field: field.to_string(), message: message.into() }
+        Invalid {
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -29,7 +32,9 @@ pub fn name(field: &str, s: &str) -> Result<(), Invalid> {
     let ok = !bytes.is_empty()
         && bytes.len() <= 128
         && bytes[0].is_ascii_alphanumeric()
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
@@ -43,10 +48,16 @@ pub fn name(field: &str, s: &str) -> Result<(), Invalid> {
 /// A duration in seconds: finite, not negative, at most ten years.
 pub fn duration(field: &str, secs: f64) -> Result<Duration, Invalid> {
     if !secs.is_finite() || secs < 0.0 {
-        return Err(Invalid::new(field, "must be a non-negative number of seconds"));
+        return Err(Invalid::new(
+            field,
+            "must be a non-negative number of seconds",
+        ));
     }
     if secs > MAX_DURATION_SECS {
-        return Err(Invalid::new(field, "must be at most 315360000 seconds (ten years)"));
+        return Err(Invalid::new(
+            field,
+            "must be at most 315360000 seconds (ten years)",
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }

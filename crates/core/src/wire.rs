@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use chrono::{DateTime, Utc};
 use crate::history::HistoryEvent;
 use crate::model::{ErrorInfo, ReplyTo, Request, Status};
+use chrono::{DateTime, Utc};
 
 /// `POST /v1/queues/{queue}/requests`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

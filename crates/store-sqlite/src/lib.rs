@@ -40,7 +40,9 @@ use crate::writer::Cmd;
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// Another process holds the data directory.
-    #[error("the data directory {0} is in use by another coatcheck process (its LOCK file is held)")]
+    #[error(
+        "the data directory {0} is in use by another coatcheck process (its LOCK file is held)"
+    )]
     Locked(PathBuf),
     /// The directory or database could not be created or opened.
     #[error("cannot open the data directory {path}: {message}")]
@@ -63,12 +65,17 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("dir", &self.dir).finish()
+        f.debug_struct("SqliteStore")
+            .field("dir", &self.dir)
+            .finish()
     }
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> OpenError {
-    OpenError::Io { path: path.to_path_buf(), message: e.to_string() }
+    OpenError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 /// Opens a connection with the store's pragmas.
@@ -85,7 +92,10 @@ fn connect(db: &Path) -> rusqlite::Result<Connection> {
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (i, m) in sql::MIGRATIONS.iter().enumerate().skip(applied as usize) {
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {m}; PRAGMA user_version = {}; COMMIT;", i + 1))?;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {m}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))?;
     }
     Ok(())
 }
@@ -195,12 +205,16 @@ impl Store for SqliteStore {
         self.reads.run(move |c| read::list(c, &p)).await
     }
 
-    async fn request_settle_many(&self, items: Vec<SettleParams>, now: Ts) -> Result<Vec<Result<Changed>>> {
+    async fn request_settle_many(
+        &self,
+        items: Vec<SettleParams>,
+        now: Ts,
+    ) -> Result<Vec<Result<Changed>>> {
         self.write(|tx| Cmd::Settle(items, now, tx)).await
     }
 
     async fn request_submit(&self, p: SubmitParams) -> Result<Submitted> {
-        self.write(|tx| Cmd::Submit(p, tx)).await
+        self.write(|tx| Cmd::Submit(Box::new(p), tx)).await
     }
 
     async fn store_close(&self) {
@@ -216,6 +230,11 @@ impl Store for SqliteStore {
         if self.tx.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
             return Err(closed());
         }
-        self.reads.run(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(sql::classify)).await
+        self.reads
+            .run(|c| {
+                c.query_row("SELECT 1", [], |_| Ok(()))
+                    .map_err(sql::classify)
+            })
+            .await
     }
 }

@@ -21,7 +21,10 @@ pub struct ReadPool {
 
 impl ReadPool {
     pub fn new(db: PathBuf) -> Self {
-        ReadPool { db, idle: Mutex::new(Vec::new()) }
+        ReadPool {
+            db,
+            idle: Mutex::new(Vec::new()),
+        }
     }
 
     fn take(&self) -> Result<Connection> {
@@ -30,7 +33,8 @@ impl ReadPool {
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&self.db, flags).map_err(sql::classify)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql::classify)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql::classify)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(conn)
     }
@@ -70,7 +74,9 @@ pub fn get(c: &Connection, r: &RequestRef) -> Result<Request> {
 pub fn list(c: &Connection, p: &ListParams) -> Result<Vec<Request>> {
     let (q, args) = sql::list_query(p);
     let mut stmt = c.prepare_cached(&q).map_err(sql::classify)?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(sql::classify)?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(args))
+        .map_err(sql::classify)?;
     let mut out = Vec::new();
     while let Some(row) = rows.next().map_err(sql::classify)? {
         out.push(sql::row_to_request(row)?);
@@ -90,19 +96,37 @@ pub fn queue_stats(c: &Connection, now: Ts) -> Result<Vec<QueueCounts>> {
     let mut out: Vec<QueueCounts> = Vec::new();
     let mut stmt = c.prepare_cached(sql::QUEUE_COUNTS).map_err(sql::classify)?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
         .map_err(sql::classify)?;
     for row in rows {
         let (queue, status, n) = row.map_err(sql::classify)?;
-        let Some(status) = Status::parse(&status) else { continue };
+        let Some(status) = Status::parse(&status) else {
+            continue;
+        };
         if out.last().is_none_or(|q| q.queue != queue) {
-            out.push(QueueCounts { queue, ..Default::default() });
+            out.push(QueueCounts {
+                queue,
+                ..Default::default()
+            });
         }
-        out.last_mut().expect("pushed").counts.push((status, n as u64));
+        out.last_mut()
+            .expect("pushed")
+            .counts
+            .push((status, n as u64));
     }
-    let mut stmt = c.prepare_cached(sql::QUEUE_OLDEST_READY).map_err(sql::classify)?;
+    let mut stmt = c
+        .prepare_cached(sql::QUEUE_OLDEST_READY)
+        .map_err(sql::classify)?;
     let rows = stmt
-        .query_map([to_micros(now)], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .query_map([to_micros(now)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })
         .map_err(sql::classify)?;
     for row in rows {
         let (queue, oldest) = row.map_err(sql::classify)?;

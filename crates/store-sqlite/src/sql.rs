@@ -67,7 +67,8 @@ pub const NEXT_RUN_AFTER: &str = "SELECT min(run_after) FROM requests WHERE stat
 pub const QUEUE_COUNTS: &str =
     "SELECT queue, status, count(*) FROM requests GROUP BY queue, status ORDER BY queue";
 
-pub const QUEUE_OLDEST_READY: &str = "SELECT queue, min(coalesce(run_after, created_at)) FROM requests \
+pub const QUEUE_OLDEST_READY: &str =
+    "SELECT queue, min(coalesce(run_after, created_at)) FROM requests \
     WHERE status = 'queued' AND (run_after IS NULL OR run_after <= ?1) GROUP BY queue";
 
 pub fn list_query(p: &coatcheck_store::ListParams) -> (String, Vec<rusqlite::types::Value>) {
@@ -109,7 +110,13 @@ pub fn classify(e: rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(f, _)
             if matches!(
                 f.code,
-                DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure | CannotOpen | ReadOnly | OutOfMemory
+                DatabaseBusy
+                    | DatabaseLocked
+                    | DiskFull
+                    | SystemIoFailure
+                    | CannotOpen
+                    | ReadOnly
+                    | OutOfMemory
             ) =>
         {
             StoreError::Unavailable(e.to_string())
@@ -119,11 +126,13 @@ pub fn classify(e: rusqlite::Error) -> StoreError {
 }
 
 fn raw(s: Option<String>) -> Result<Option<Box<RawValue>>> {
-    s.map(|s| RawValue::from_string(s).map_err(internal)).transpose()
+    s.map(|s| RawValue::from_string(s).map_err(internal))
+        .transpose()
 }
 
 fn json<T: serde::de::DeserializeOwned>(s: Option<String>) -> Result<Option<T>> {
-    s.map(|s| serde_json::from_str(&s).map_err(internal)).transpose()
+    s.map(|s| serde_json::from_str(&s).map_err(internal))
+        .transpose()
 }
 
 fn ts(v: Option<i64>) -> Option<Ts> {
@@ -138,7 +147,10 @@ pub fn row_to_request(row: &Row<'_>) -> Result<Request> {
     let lease = match lease_token {
         Some(token) => Some(Lease {
             token,
-            worker_id: row.get::<_, Option<String>>(25).map_err(r)?.unwrap_or_default(),
+            worker_id: row
+                .get::<_, Option<String>>(25)
+                .map_err(r)?
+                .unwrap_or_default(),
             expires_at: from_micros(row.get::<_, Option<i64>>(26).map_err(r)?.unwrap_or(0)),
             duration_ms: row.get::<_, Option<i64>>(27).map_err(r)?.unwrap_or(0) as u64,
         }),
@@ -176,8 +188,53 @@ pub fn row_to_request(row: &Row<'_>) -> Result<Request> {
 }
 
 fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>> {
-    v.as_ref().map(|v| serde_json::to_string(v).map_err(internal)).transpose()
+    v.as_ref()
+        .map(|v| serde_json::to_string(v).map_err(internal))
+        .transpose()
 }
+
+/// A timestamp as this store keeps it: whole microseconds.
+fn stored_ts(t: &mut Ts) {
+    *t = from_micros(to_micros(*t));
+}
+
+/// Rounds every timestamp of a request, and those inside its new history
+/// events, to what this store keeps (whole microseconds). Durations finer
+/// than a microsecond (a jittered backoff, `"delay": 0.1234567`) would
+/// otherwise put nanoseconds into the Request a write answers, which no
+/// later read of the same request shows.
+pub fn as_stored(req: &mut Request, events: &mut [HistoryEvent]) {
+    stored_ts(&mut req.created_at);
+    stored_ts(&mut req.updated_at);
+    for t in [&mut req.run_after, &mut req.deadline, &mut req.finished_at]
+        .into_iter()
+        .flatten()
+    {
+        stored_ts(t);
+    }
+    if let Some(l) = req.lease.as_mut() {
+        stored_ts(&mut l.expires_at);
+    }
+    for e in events {
+        stored_ts(&mut e.at);
+        match &mut e.kind {
+            EventKind::Submitted {
+                run_after: Some(t), ..
+            } => stored_ts(t),
+            EventKind::Claimed {
+                lease_expires_at: t,
+                ..
+            } => stored_ts(t),
+            EventKind::AttemptFailed { run_after: t, .. } => stored_ts(t),
+            EventKind::ReplyDeliveryFailed {
+                next_attempt_at: Some(t),
+                ..
+            } => stored_ts(t),
+            _ => {}
+        }
+    }
+}
+
 
 /// Loads one request by id.
 pub fn load(conn: &Connection, id: &str) -> Result<Option<Request>> {
@@ -191,7 +248,11 @@ pub fn load(conn: &Connection, id: &str) -> Result<Option<Request>> {
 
 /// Inserts a new request.
 pub fn insert(conn: &Connection, req: &Request, idem: Option<(&str, &str)>) -> Result<()> {
-    let metadata = if req.metadata.is_empty() { None } else { Some(&req.metadata) };
+    let metadata = if req.metadata.is_empty() {
+        None
+    } else {
+        Some(&req.metadata)
+    };
     let lease = req.lease.as_ref();
     let mut stmt = conn.prepare_cached(INSERT).map_err(classify)?;
     stmt.execute(named_params! {
@@ -260,14 +321,22 @@ pub fn history(conn: &Connection, id: &str, after_seq: u64) -> Result<Vec<Histor
     let mut stmt = conn.prepare_cached(SELECT_HISTORY).map_err(classify)?;
     let rows = stmt
         .query_map(rusqlite::params![id, after_seq as i64], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?))
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, String>(2)?,
+            ))
         })
         .map_err(classify)?;
     let mut out = Vec::new();
     for row in rows {
         let (seq, at, body) = row.map_err(classify)?;
-        let kind: EventKind = serde_json::from_str(&body).map_err(internal)?;
-        out.push(HistoryEvent { seq: seq as u64, at: from_micros(at), kind });
+        let kind = serde_json::from_str(&body).map_err(internal)?;
+        out.push(HistoryEvent {
+            seq: seq as u64,
+            at: from_micros(at),
+            kind,
+        });
     }
     Ok(out)
 }
@@ -275,13 +344,19 @@ pub fn history(conn: &Connection, id: &str, after_seq: u64) -> Result<Vec<Histor
 /// Ids from a one-column query with two parameters.
 pub fn ids(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(sql).map_err(classify)?;
-    let rows = stmt.query_map(params, |row| row.get::<_, String>(0)).map_err(classify)?;
+    let rows = stmt
+        .query_map(params, |row| row.get::<_, String>(0))
+        .map_err(classify)?;
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(classify)
 }
 
 /// A single optional timestamp from a `min(...)` query.
 pub fn min_ts(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Option<Ts>> {
     let mut stmt = conn.prepare_cached(sql).map_err(classify)?;
-    let v: Option<i64> = stmt.query_row(params, |row| row.get(0)).optional().map_err(classify)?.flatten();
+    let v: Option<i64> = stmt
+        .query_row(params, |row| row.get(0))
+        .optional()
+        .map_err(classify)?
+        .flatten();
     Ok(v.map(from_micros))
 }

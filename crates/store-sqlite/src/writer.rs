@@ -12,8 +12,8 @@ use coatcheck_core::model::{new_lease_token, new_request_id};
 use coatcheck_core::rules::{self, CancelOutcome};
 use coatcheck_core::{Request, RetryPolicy, Ts};
 use coatcheck_store::{
-    Changed, ClaimParams, HeartbeatParams, RequestRef, Result, SettleParams, Settlement, StoreError,
-    SubmitParams, Submitted,
+    Changed, ClaimParams, HeartbeatParams, RequestRef, Result, SettleParams, Settlement,
+    StoreError, SubmitParams, Submitted,
 };
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -27,7 +27,7 @@ type Reply<T> = oneshot::Sender<Result<T>>;
 
 /// A write command.
 pub enum Cmd {
-    Submit(SubmitParams, Reply<Submitted>),
+    Submit(Box<SubmitParams>, Reply<Submitted>),
     Claim(ClaimParams, Reply<Vec<Request>>),
     Heartbeat(HeartbeatParams, Reply<Changed>),
     Settle(Vec<SettleParams>, Ts, Reply<Vec<Result<Changed>>>),
@@ -74,7 +74,11 @@ struct Writer {
 impl Writer {
     fn apply_batch(&self, batch: Vec<Cmd>) {
         let mut answers: Vec<Pending> = Vec::with_capacity(batch.len());
-        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE").map_err(sql::classify) {
+        if let Err(e) = self
+            .conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(sql::classify)
+        {
             for cmd in batch {
                 answers.push(self.refuse(cmd, e.clone()));
             }
@@ -84,7 +88,11 @@ impl Writer {
         for cmd in batch {
             answers.push(self.apply_in_savepoint(cmd));
         }
-        let commit_err = self.conn.execute_batch("COMMIT").map_err(sql::classify).err();
+        let commit_err = self
+            .conn
+            .execute_batch("COMMIT")
+            .map_err(sql::classify)
+            .err();
         if commit_err.is_some() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
@@ -108,20 +116,30 @@ impl Writer {
 
     /// Applies one command inside a savepoint; on error its writes are undone.
     fn apply_in_savepoint(&self, cmd: Cmd) -> Pending {
-        if let Err(e) = self.conn.execute_batch("SAVEPOINT cmd").map_err(sql::classify) {
+        if let Err(e) = self
+            .conn
+            .execute_batch("SAVEPOINT cmd")
+            .map_err(sql::classify)
+        {
             return self.refuse(cmd, e);
         }
         let (ok, answer) = match cmd {
-            Cmd::Submit(p, tx) => self.finish(tx, self.submit(p)),
+            Cmd::Submit(p, tx) => self.finish(tx, self.submit(*p)),
             Cmd::Claim(p, tx) => self.finish(tx, self.claim(p)),
             Cmd::Heartbeat(p, tx) => self.finish(tx, self.heartbeat(p)),
             Cmd::Settle(items, now, tx) => self.finish(tx, self.settle_many(items, now)),
             Cmd::Cancel(r, now, tx) => self.finish(tx, self.cancel(r, now)),
             Cmd::Redrive(r, now, tx) => self.finish(tx, self.redrive(r, now)),
             Cmd::ExpireLeases(now, limit, tx) => self.finish(tx, self.expire_leases(now, limit)),
-            Cmd::ExpireDeadlines(now, limit, tx) => self.finish(tx, self.expire_deadlines(now, limit)),
+            Cmd::ExpireDeadlines(now, limit, tx) => {
+                self.finish(tx, self.expire_deadlines(now, limit))
+            }
         };
-        let end = if ok { "RELEASE cmd" } else { "ROLLBACK TO cmd; RELEASE cmd" };
+        let end = if ok {
+            "RELEASE cmd"
+        } else {
+            "ROLLBACK TO cmd; RELEASE cmd"
+        };
         if let Err(e) = self.conn.execute_batch(end) {
             tracing::error!(error = %e, "savepoint end failed");
         }
@@ -140,15 +158,24 @@ impl Writer {
         }
     }
 
-    fn save(&self, req: &Request, events: &[coatcheck_core::HistoryEvent]) -> Result<()> {
+    /// Writes a transitioned request and its new events. Both are first
+    /// rounded to what is stored (see [`sql::as_stored`]), so the request
+    /// the caller answers with equals the one a later read returns.
+    fn save(&self, req: &mut Request, events: &mut [coatcheck_core::HistoryEvent]) -> Result<()> {
+        sql::as_stored(req, events);
         sql::update(&self.conn, req)?;
         sql::insert_history(&self.conn, &req.id, events)
     }
 
     fn submit(&self, p: SubmitParams) -> Result<Submitted> {
         if let Some(idem) = &p.idempotency {
-            let mut stmt = self.conn.prepare_cached(sql::SELECT_IDEMPOTENCY).map_err(sql::classify)?;
-            let mut rows = stmt.query([&p.new.tenant, &idem.key]).map_err(sql::classify)?;
+            let mut stmt = self
+                .conn
+                .prepare_cached(sql::SELECT_IDEMPOTENCY)
+                .map_err(sql::classify)?;
+            let mut rows = stmt
+                .query([&p.new.tenant, &idem.key])
+                .map_err(sql::classify)?;
             if let Some(row) = rows.next().map_err(sql::classify)? {
                 let id: String = row.get(0).map_err(sql::classify)?;
                 let hash: Option<String> = row.get(1).map_err(sql::classify)?;
@@ -159,8 +186,12 @@ impl Writer {
                 return Ok(Submitted::Replayed(req));
             }
         }
-        let (req, events) = rules::submit(p.new, p.now);
-        let idem = p.idempotency.as_ref().map(|i| (i.key.as_str(), i.body_hash.as_str()));
+        let (mut req, mut events) = rules::submit(p.new, p.now);
+        sql::as_stored(&mut req, &mut events);
+        let idem = p
+            .idempotency
+            .as_ref()
+            .map(|i| (i.key.as_str(), i.body_hash.as_str()));
         sql::insert(&self.conn, &req, idem)?;
         sql::insert_history(&self.conn, &req.id, &events)?;
         Ok(Submitted::Created(req))
@@ -173,16 +204,22 @@ impl Writer {
         let ids = sql::ids(
             &self.conn,
             sql::SELECT_READY,
-            rusqlite::params![p.queue, coatcheck_core::clock::to_micros(p.now), (p.max as i64) * 2 + 8],
+            rusqlite::params![
+                p.queue,
+                coatcheck_core::clock::to_micros(p.now),
+                (p.max as i64) * 2 + 8
+            ],
         )?;
         for id in ids {
             if out.len() >= p.max as usize {
                 break;
             }
-            let Some(mut req) = sql::load(&self.conn, &id)? else { continue };
+            let Some(mut req) = sql::load(&self.conn, &id)? else {
+                continue;
+            };
             match rules::claim(&mut req, &p.worker_id, p.lease, new_lease_token(), p.now) {
-                Ok(events) => {
-                    self.save(&req, &events)?;
+                Ok(mut events) => {
+                    self.save(&mut req, &mut events)?;
                     out.push(req);
                 }
                 Err(_) => continue,
@@ -193,17 +230,26 @@ impl Writer {
 
     fn heartbeat(&self, p: HeartbeatParams) -> Result<Changed> {
         let mut req = self.load(&RequestRef::any(p.id))?;
-        let events = rules::heartbeat(&mut req, &p.lease_token, p.progress, p.extend, p.now)?;
-        self.save(&req, &events)?;
-        Ok(Changed { request: req, spawned: None })
+        let mut events = rules::heartbeat(&mut req, &p.lease_token, p.progress, p.extend, p.now)?;
+        self.save(&mut req, &mut events)?;
+        Ok(Changed {
+            request: req,
+            spawned: None,
+        })
     }
 
     fn settle_many(&self, items: Vec<SettleParams>, now: Ts) -> Result<Vec<Result<Changed>>> {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            self.conn.execute_batch("SAVEPOINT item").map_err(sql::classify)?;
+            self.conn
+                .execute_batch("SAVEPOINT item")
+                .map_err(sql::classify)?;
             let res = self.settle(item, now);
-            let end = if res.is_ok() { "RELEASE item" } else { "ROLLBACK TO item; RELEASE item" };
+            let end = if res.is_ok() {
+                "RELEASE item"
+            } else {
+                "ROLLBACK TO item; RELEASE item"
+            };
             self.conn.execute_batch(end).map_err(sql::classify)?;
             out.push(res);
         }
@@ -213,8 +259,14 @@ impl Writer {
     fn settle(&self, item: SettleParams, now: Ts) -> Result<Changed> {
         let mut req = self.load(&RequestRef::any(item.id))?;
         let events = match item.settlement {
-            Settlement::Complete { output } => rules::complete(&mut req, &item.lease_token, output, now)?,
-            Settlement::Fail { error, retryable, retry_after } => rules::fail(
+            Settlement::Complete { output } => {
+                rules::complete(&mut req, &item.lease_token, output, now)?
+            }
+            Settlement::Fail {
+                error,
+                retryable,
+                retry_after,
+            } => rules::fail(
                 &mut req,
                 &item.lease_token,
                 error,
@@ -240,28 +292,41 @@ impl Writer {
         if !events.is_empty() {
             if let Some((new, more)) = rules::fallback(&mut req, new_request_id(), now) {
                 events.extend(more);
-                let (fb, fb_events) = rules::submit(new, now);
+                let (mut fb, mut fb_events) = rules::submit(new, now);
+                sql::as_stored(&mut fb, &mut fb_events);
                 sql::insert(&self.conn, &fb, None)?;
                 sql::insert_history(&self.conn, &fb.id, &fb_events)?;
                 spawned = Some(fb);
             }
         }
-        self.save(&req, &events)?;
-        Ok(Changed { request: req, spawned })
+        self.save(&mut req, &mut events)?;
+        Ok(Changed {
+            request: req,
+            spawned,
+        })
     }
 
     fn cancel(&self, r: RequestRef, now: Ts) -> Result<(CancelOutcome, Changed)> {
         let mut req = self.load(&r)?;
-        let (outcome, events) = rules::cancel(&mut req, now)?;
-        self.save(&req, &events)?;
-        Ok((outcome, Changed { request: req, spawned: None }))
+        let (outcome, mut events) = rules::cancel(&mut req, now)?;
+        self.save(&mut req, &mut events)?;
+        Ok((
+            outcome,
+            Changed {
+                request: req,
+                spawned: None,
+            },
+        ))
     }
 
     fn redrive(&self, r: RequestRef, now: Ts) -> Result<Changed> {
         let mut req = self.load(&r)?;
-        let events = rules::redrive(&mut req, now)?;
-        self.save(&req, &events)?;
-        Ok(Changed { request: req, spawned: None })
+        let mut events = rules::redrive(&mut req, now)?;
+        self.save(&mut req, &mut events)?;
+        Ok(Changed {
+            request: req,
+            spawned: None,
+        })
     }
 
     fn expire_leases(&self, now: Ts, limit: u32) -> Result<Vec<Changed>> {
@@ -289,9 +354,12 @@ impl Writer {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let mut req = self.load(&RequestRef::any(id))?;
-            if let Ok(events) = rules::expire_deadline(&mut req, now) {
-                self.save(&req, &events)?;
-                out.push(Changed { request: req, spawned: None });
+            if let Ok(mut events) = rules::expire_deadline(&mut req, now) {
+                self.save(&mut req, &mut events)?;
+                out.push(Changed {
+                    request: req,
+                    spawned: None,
+                });
             }
         }
         Ok(out)

@@ -83,7 +83,10 @@ pub struct RequestRef {
 impl RequestRef {
     /// Any tenant's request.
     pub fn any(id: impl Into<String>) -> Self {
-        RequestRef { id: id.into(), tenant: None }
+        RequestRef {
+            id: id.into(),
+            tenant: None,
+        }
     }
 }
 
@@ -204,7 +207,9 @@ pub struct ListParams {
     pub limit: u32,
 }
 
-/// The earliest future times at which background work is due.
+/// The earliest times at which background work is due. Lease expiries and
+/// deadlines already past are reported too (the work is overdue: run it now);
+/// `run_after` only counts times still in the future.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DueTimes {
     /// The earliest lease expiry of a running request.
@@ -237,7 +242,7 @@ pub struct StoreOptions {
 /// the sense that a write either commits whole or not at all.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// The earliest times background work is due after `now`.
+    /// The earliest times background work is due (see [`DueTimes`]).
     async fn due_times(&self, now: Ts) -> Result<DueTimes>;
 
     /// Redrive: a `failed`, `cancelled` or `expired` request back to `queued`.
@@ -275,7 +280,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Completes or fails many running requests in one commit; each item's
     /// outcome is independent of the others'.
-    async fn request_settle_many(&self, items: Vec<SettleParams>, now: Ts) -> Result<Vec<Result<Changed>>>;
+    async fn request_settle_many(
+        &self,
+        items: Vec<SettleParams>,
+        now: Ts,
+    ) -> Result<Vec<Result<Changed>>>;
 
     /// Stores a new request durably (or finds it by idempotency key).
     async fn request_submit(&self, p: SubmitParams) -> Result<Submitted>;

@@ -70,23 +70,203 @@ fn every_edge_of_the_state_machine() {
     type Setup = fn() -> Request;
     type Step = fn(&mut Request) -> Result<Vec<HistoryEvent>, RuleError>;
     let table: Vec<(&str, Setup, Step, Status, Vec<&str>)> = vec![
-        ("queued -claim-> running", || new_req(3), |r| claim(r, "w", secs(10), "t2".into(), at(1)), Status::Running, vec!["claimed"]),
-        ("queued -cancel-> cancelled", || new_req(3), |r| cancel(r, at(1)).map(|x| x.1), Status::Cancelled, vec!["cancelled"]),
-        ("queued -deadline-> expired", || new_req(3), |r| expire_deadline(r, at(100)), Status::Expired, vec!["expired"]),
-        ("running -complete-> succeeded", || claimed(3), |r| complete(r, "tok", raw("1"), at(2)), Status::Succeeded, vec!["succeeded"]),
-        ("running -fail retryable-> queued", || claimed(3), |r| fail(r, "tok", err(), true, None, &RetryPolicy::default(), 0.5, at(2)), Status::Queued, vec!["attempt_failed"]),
-        ("running -fail not retryable-> failed", || claimed(3), |r| fail(r, "tok", err(), false, None, &RetryPolicy::default(), 0.5, at(2)), Status::Failed, vec!["failed"]),
-        ("running -fail, last attempt-> failed", || claimed(1), |r| fail(r, "tok", err(), true, None, &RetryPolicy::default(), 0.5, at(2)), Status::Failed, vec!["failed"]),
-        ("running -cancel-> running (requested)", || claimed(3), |r| cancel(r, at(2)).map(|x| x.1), Status::Running, vec!["cancel_requested"]),
-        ("running -lease expiry-> queued", || claimed(3), |r| expire_lease(r, at(11)), Status::Queued, vec!["lease_expired"]),
-        ("running -lease expiry, last attempt-> failed", || claimed(1), |r| expire_lease(r, at(11)), Status::Failed, vec!["lease_expired", "failed"]),
-        ("running -deadline-> expired", || claimed(3), |r| expire_deadline(r, at(100)), Status::Expired, vec!["expired"]),
-        ("running+cancel_requested -fail-> cancelled", || { let mut r = claimed(3); cancel(&mut r, at(2)).unwrap(); r }, |r| fail(r, "tok", err(), true, None, &RetryPolicy::default(), 0.5, at(3)), Status::Cancelled, vec!["cancelled"]),
-        ("running+cancel_requested -lease expiry-> cancelled", || { let mut r = claimed(3); cancel(&mut r, at(2)).unwrap(); r }, |r| expire_lease(r, at(11)), Status::Cancelled, vec!["lease_expired", "cancelled"]),
-        ("running+cancel_requested -complete-> succeeded", || { let mut r = claimed(3); cancel(&mut r, at(2)).unwrap(); r }, |r| complete(r, "tok", raw("1"), at(3)), Status::Succeeded, vec!["succeeded"]),
-        ("failed -redrive-> queued", || { let mut r = claimed(1); fail(&mut r, "tok", err(), false, None, &RetryPolicy::default(), 0.5, at(2)).unwrap(); r }, |r| redrive(r, at(3)), Status::Queued, vec!["redriven"]),
-        ("cancelled -redrive-> queued", || { let mut r = new_req(3); cancel(&mut r, at(1)).unwrap(); r }, |r| redrive(r, at(3)), Status::Queued, vec!["redriven"]),
-        ("expired -redrive-> queued", || { let mut r = new_req(3); expire_deadline(&mut r, at(100)).unwrap(); r }, |r| redrive(r, at(101)), Status::Queued, vec!["redriven"]),
+        (
+            "queued -claim-> running",
+            || new_req(3),
+            |r| claim(r, "w", secs(10), "t2".into(), at(1)),
+            Status::Running,
+            vec!["claimed"],
+        ),
+        (
+            "queued -cancel-> cancelled",
+            || new_req(3),
+            |r| cancel(r, at(1)).map(|x| x.1),
+            Status::Cancelled,
+            vec!["cancelled"],
+        ),
+        (
+            "queued -deadline-> expired",
+            || new_req(3),
+            |r| expire_deadline(r, at(100)),
+            Status::Expired,
+            vec!["expired"],
+        ),
+        (
+            "running -complete-> succeeded",
+            || claimed(3),
+            |r| complete(r, "tok", raw("1"), at(2)),
+            Status::Succeeded,
+            vec!["succeeded"],
+        ),
+        (
+            "running -fail retryable-> queued",
+            || claimed(3),
+            |r| {
+                fail(
+                    r,
+                    "tok",
+                    err(),
+                    true,
+                    None,
+                    &RetryPolicy::default(),
+                    0.5,
+                    at(2),
+                )
+            },
+            Status::Queued,
+            vec!["attempt_failed"],
+        ),
+        (
+            "running -fail not retryable-> failed",
+            || claimed(3),
+            |r| {
+                fail(
+                    r,
+                    "tok",
+                    err(),
+                    false,
+                    None,
+                    &RetryPolicy::default(),
+                    0.5,
+                    at(2),
+                )
+            },
+            Status::Failed,
+            vec!["failed"],
+        ),
+        (
+            "running -fail, last attempt-> failed",
+            || claimed(1),
+            |r| {
+                fail(
+                    r,
+                    "tok",
+                    err(),
+                    true,
+                    None,
+                    &RetryPolicy::default(),
+                    0.5,
+                    at(2),
+                )
+            },
+            Status::Failed,
+            vec!["failed"],
+        ),
+        (
+            "running -cancel-> running (requested)",
+            || claimed(3),
+            |r| cancel(r, at(2)).map(|x| x.1),
+            Status::Running,
+            vec!["cancel_requested"],
+        ),
+        (
+            "running -lease expiry-> queued",
+            || claimed(3),
+            |r| expire_lease(r, at(11)),
+            Status::Queued,
+            vec!["lease_expired"],
+        ),
+        (
+            "running -lease expiry, last attempt-> failed",
+            || claimed(1),
+            |r| expire_lease(r, at(11)),
+            Status::Failed,
+            vec!["lease_expired", "failed"],
+        ),
+        (
+            "running -deadline-> expired",
+            || claimed(3),
+            |r| expire_deadline(r, at(100)),
+            Status::Expired,
+            vec!["expired"],
+        ),
+        (
+            "running+cancel_requested -fail-> cancelled",
+            || {
+                let mut r = claimed(3);
+                cancel(&mut r, at(2)).unwrap();
+                r
+            },
+            |r| {
+                fail(
+                    r,
+                    "tok",
+                    err(),
+                    true,
+                    None,
+                    &RetryPolicy::default(),
+                    0.5,
+                    at(3),
+                )
+            },
+            Status::Cancelled,
+            vec!["cancelled"],
+        ),
+        (
+            "running+cancel_requested -lease expiry-> cancelled",
+            || {
+                let mut r = claimed(3);
+                cancel(&mut r, at(2)).unwrap();
+                r
+            },
+            |r| expire_lease(r, at(11)),
+            Status::Cancelled,
+            vec!["lease_expired", "cancelled"],
+        ),
+        (
+            "running+cancel_requested -complete-> succeeded",
+            || {
+                let mut r = claimed(3);
+                cancel(&mut r, at(2)).unwrap();
+                r
+            },
+            |r| complete(r, "tok", raw("1"), at(3)),
+            Status::Succeeded,
+            vec!["succeeded"],
+        ),
+        (
+            "failed -redrive-> queued",
+            || {
+                let mut r = claimed(1);
+                fail(
+                    &mut r,
+                    "tok",
+                    err(),
+                    false,
+                    None,
+                    &RetryPolicy::default(),
+                    0.5,
+                    at(2),
+                )
+                .unwrap();
+                r
+            },
+            |r| redrive(r, at(3)),
+            Status::Queued,
+            vec!["redriven"],
+        ),
+        (
+            "cancelled -redrive-> queued",
+            || {
+                let mut r = new_req(3);
+                cancel(&mut r, at(1)).unwrap();
+                r
+            },
+            |r| redrive(r, at(3)),
+            Status::Queued,
+            vec!["redriven"],
+        ),
+        (
+            "expired -redrive-> queued",
+            || {
+                let mut r = new_req(3);
+                expire_deadline(&mut r, at(100)).unwrap();
+                r
+            },
+            |r| redrive(r, at(101)),
+            Status::Queued,
+            vec!["redriven"],
+        ),
     ];
     for (name, setup, step, want, want_kinds) in table {
         let mut r = setup();
@@ -94,9 +274,21 @@ fn every_edge_of_the_state_machine() {
         let events = step(&mut r).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(r.status, want, "{name}");
         assert_eq!(kinds(&events), want_kinds, "{name}");
-        assert_eq!(r.history_seq, before_seq + events.len() as u64, "{name}: seq");
-        assert_eq!(r.lease.is_some(), r.status == Status::Running, "{name}: lease iff running");
-        assert_eq!(r.finished_at.is_some(), r.status.is_terminal(), "{name}: finished_at");
+        assert_eq!(
+            r.history_seq,
+            before_seq + events.len() as u64,
+            "{name}: seq"
+        );
+        assert_eq!(
+            r.lease.is_some(),
+            r.status == Status::Running,
+            "{name}: lease iff running"
+        );
+        assert_eq!(
+            r.finished_at.is_some(),
+            r.status.is_terminal(),
+            "{name}: finished_at"
+        );
     }
 }
 
@@ -105,12 +297,32 @@ fn terminal_states_refuse_everything_but_redrive() {
     let mut done = claimed(3);
     complete(&mut done, "tok", raw("1"), at(2)).unwrap();
     let snapshot = format!("{done:?}");
-    assert!(matches!(cancel(&mut done, at(3)), Err(RuleError::WrongState { .. })));
-    assert!(matches!(redrive(&mut done, at(3)), Err(RuleError::WrongState { .. })));
+    assert!(matches!(
+        cancel(&mut done, at(3)),
+        Err(RuleError::WrongState { .. })
+    ));
+    assert!(matches!(
+        redrive(&mut done, at(3)),
+        Err(RuleError::WrongState { .. })
+    ));
     assert!(expire_deadline(&mut done, at(500)).is_err());
     assert!(claim(&mut done, "w", secs(1), "x".into(), at(3)).is_err());
-    assert!(fail(&mut done, "tok", err(), true, None, &RetryPolicy::default(), 0.1, at(3)).is_err());
-    assert_eq!(format!("{done:?}"), snapshot, "a refused transition changes nothing");
+    assert!(fail(
+        &mut done,
+        "tok",
+        err(),
+        true,
+        None,
+        &RetryPolicy::default(),
+        0.1,
+        at(3)
+    )
+    .is_err());
+    assert_eq!(
+        format!("{done:?}"),
+        snapshot,
+        "a refused transition changes nothing"
+    );
 }
 
 #[test]
@@ -119,18 +331,30 @@ fn complete_is_idempotent_with_the_same_token_only() {
     complete(&mut r, "tok", raw("1"), at(2)).unwrap();
     assert!(complete(&mut r, "tok", raw("2"), at(3)).unwrap().is_empty());
     assert_eq!(r.output.as_ref().unwrap().get(), "1");
-    assert!(matches!(complete(&mut r, "other", raw("1"), at(3)), Err(RuleError::LeaseLost { .. })));
+    assert!(matches!(
+        complete(&mut r, "other", raw("1"), at(3)),
+        Err(RuleError::LeaseLost { .. })
+    ));
 }
 
 #[test]
 fn stale_and_expired_tokens_are_fenced() {
     let mut r = claimed(3);
-    assert!(matches!(complete(&mut r, "nope", raw("1"), at(2)), Err(RuleError::LeaseLost { .. })));
+    assert!(matches!(
+        complete(&mut r, "nope", raw("1"), at(2)),
+        Err(RuleError::LeaseLost { .. })
+    ));
     // The lease ran out: even the right token is no longer good.
-    assert!(matches!(heartbeat(&mut r, "tok", None, None, at(11)), Err(RuleError::LeaseLost { .. })));
+    assert!(matches!(
+        heartbeat(&mut r, "tok", None, None, at(11)),
+        Err(RuleError::LeaseLost { .. })
+    ));
     expire_lease(&mut r, at(11)).unwrap();
     claim(&mut r, "w2", secs(10), "tok2".into(), at(12)).unwrap();
-    assert!(matches!(complete(&mut r, "tok", raw("1"), at(13)), Err(RuleError::LeaseLost { .. })));
+    assert!(matches!(
+        complete(&mut r, "tok", raw("1"), at(13)),
+        Err(RuleError::LeaseLost { .. })
+    ));
     assert_eq!(r.attempts, 2);
     complete(&mut r, "tok2", raw("1"), at(13)).unwrap();
 }
@@ -149,12 +373,28 @@ fn heartbeat_extends_and_records_progress() {
 #[test]
 fn retry_after_and_backoff_set_run_after() {
     let mut r = claimed(3);
-    fail(&mut r, "tok", err(), true, Some(Duration::from_millis(300)), &RetryPolicy::default(), 0.5, at(2)).unwrap();
-    assert_eq!(r.run_after, Some(at(2) + chrono::Duration::milliseconds(300)));
+    fail(
+        &mut r,
+        "tok",
+        err(),
+        true,
+        Some(Duration::from_millis(300)),
+        &RetryPolicy::default(),
+        0.5,
+        at(2),
+    )
+    .unwrap();
+    assert_eq!(
+        r.run_after,
+        Some(at(2) + chrono::Duration::milliseconds(300))
+    );
     assert!(!claimable(&r, at(2)));
     assert!(claimable(&r, at(3)));
     claim(&mut r, "w", secs(10), "t2".into(), at(3)).unwrap();
-    let p = RetryPolicy { jitter: 0.0, ..Default::default() };
+    let p = RetryPolicy {
+        jitter: 0.0,
+        ..Default::default()
+    };
     fail(&mut r, "t2", err(), true, None, &p, 0.5, at(4)).unwrap();
     assert_eq!(r.run_after, Some(at(6)), "second failure waits base*2");
 }
@@ -162,10 +402,19 @@ fn retry_after_and_backoff_set_run_after() {
 #[test]
 fn delay_makes_a_request_claimable_later() {
     let (r, ev) = submit(
-        NewRequest { delay: Some(secs(5)), ..base_new() },
+        NewRequest {
+            delay: Some(secs(5)),
+            ..base_new()
+        },
         t0(),
     );
-    assert!(matches!(ev[0].kind, EventKind::Submitted { run_after: Some(_), .. }));
+    assert!(matches!(
+        ev[0].kind,
+        EventKind::Submitted {
+            run_after: Some(_),
+            ..
+        }
+    ));
     assert!(!claimable(&r, at(4)));
     assert!(claimable(&r, at(5)));
 }
@@ -182,7 +431,17 @@ fn fallback_is_created_once_and_takes_over_the_reply() {
         t0(),
     );
     claim(&mut r, "w", secs(10), "tok".into(), at(1)).unwrap();
-    fail(&mut r, "tok", err(), true, None, &RetryPolicy::default(), 0.5, at(2)).unwrap();
+    fail(
+        &mut r,
+        "tok",
+        err(),
+        true,
+        None,
+        &RetryPolicy::default(),
+        0.5,
+        at(2),
+    )
+    .unwrap();
     let (new, ev) = fallback(&mut r, "r2".into(), at(2)).unwrap();
     assert_eq!(kinds(&ev), ["fallback_submitted"]);
     assert_eq!(new.queue, "q2");
