@@ -8,8 +8,8 @@ use std::time::Duration;
 use coatcheck_core::rules::CancelOutcome;
 use coatcheck_core::{Clock, HistoryEvent, Request, Status, Ts};
 use coatcheck_store::{
-    Changed, ClaimParams, HeartbeatParams, ListParams, RequestRef, Result, SettleParams, Settlement,
-    Store, StoreError, SubmitParams, Submitted,
+    Changed, ClaimParams, HeartbeatParams, ListParams, RemoteChange, RequestRef, Result, SettleParams,
+    Settlement, Store, StoreError, SubmitParams, Submitted,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -176,16 +176,34 @@ impl Engine {
     }
 
     /// Claims up to `max` requests, long-polling up to `wait` for the first.
-    pub async fn claim(&self, queue: &str, worker_id: &str, max: u32, lease: Duration, wait: Duration) -> Result<Vec<Request>> {
+    pub async fn claim(
+        &self,
+        queue: &str,
+        worker_id: &str,
+        max: u32,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Request>> {
         let mut sub = self.notifier.subscribe(Key::Queue(queue.to_string()));
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let now = self.now();
-            let p = ClaimParams { queue: queue.to_string(), worker_id: worker_id.to_string(), max, lease, now };
+            let p = ClaimParams {
+                queue: queue.to_string(),
+                worker_id: worker_id.to_string(),
+                max,
+                lease,
+                now,
+            };
             let got = self.store.request_claim(p).await?;
             if !got.is_empty() {
                 self.metrics.claimed(queue, got.len() as u64, now);
-                if let Some(first) = got.iter().filter_map(|r| r.lease.as_ref()).map(|l| l.expires_at).min() {
+                if let Some(first) = got
+                    .iter()
+                    .filter_map(|r| r.lease.as_ref())
+                    .map(|l| l.expires_at)
+                    .min()
+                {
                     self.timers.reaper.hint(first);
                 }
                 for r in &got {
@@ -193,7 +211,10 @@ impl Engine {
                 }
                 return Ok(got);
             }
-            if wait.is_zero() || tokio::time::Instant::now() >= deadline || self.shutdown.is_cancelled() {
+            if wait.is_zero()
+                || tokio::time::Instant::now() >= deadline
+                || self.shutdown.is_cancelled()
+            {
                 return Ok(got);
             }
             tokio::select! {
@@ -207,7 +228,10 @@ impl Engine {
     /// Heartbeat.
     pub async fn heartbeat(&self, p: HeartbeatParams) -> Result<Request> {
         let now = self.now();
-        let changed = self.store.lease_heartbeat(HeartbeatParams { now, ..p }).await?;
+        let changed = self
+            .store
+            .lease_heartbeat(HeartbeatParams { now, ..p })
+            .await?;
         self.observe_changed(&changed, now);
         Ok(changed.request)
     }
@@ -215,7 +239,10 @@ impl Engine {
     /// Completes or fails many requests in one commit.
     pub async fn settle_many(&self, items: Vec<SettleParams>) -> Result<Vec<Result<Request>>> {
         let now = self.now();
-        let fails: Vec<bool> = items.iter().map(|i| matches!(i.settlement, Settlement::Fail { .. })).collect();
+        let fails: Vec<bool> = items
+            .iter()
+            .map(|i| matches!(i.settlement, Settlement::Fail { .. }))
+            .collect();
         let results = self.store.request_settle_many(items, now).await?;
         Ok(results
             .into_iter()
@@ -245,7 +272,8 @@ impl Engine {
         let now = self.now();
         let changed = self.store.lease_expire_due(now, limit).await?;
         for c in &changed {
-            self.metrics.add(Counter::LeasesExpired, &c.request.queue, 1);
+            self.metrics
+                .add(Counter::LeasesExpired, &c.request.queue, 1);
             self.observe_changed(c, now);
         }
         Ok(changed.len())
@@ -259,6 +287,43 @@ impl Engine {
             self.observe_changed(c, now);
         }
         Ok(changed.len())
+    }
+
+    /// Follows changes other nodes make to a shared store, waking local
+    /// waiters and timers as if the change were local. Runs until shutdown.
+    pub async fn follow_remote(self: Arc<Self>) {
+        let Some(mut rx) = self.store.remote_changes() else { return };
+        loop {
+            let change = tokio::select! {
+                c = rx.recv() => c,
+                _ = self.shutdown.cancelled() => return,
+            };
+            match change {
+                Ok(RemoteChange::Request { id, queue, status, lease_expires_at, run_after, deadline }) => {
+                    let now = self.now();
+                    self.notifier.notify(&Key::Request(id));
+                    if status == Status::Queued {
+                        match run_after {
+                            Some(t) if t > now => self.timers.scheduler.hint(t),
+                            _ => self.notifier.notify(&Key::Queue(queue)),
+                        }
+                    }
+                    if let Some(t) = lease_expires_at {
+                        self.timers.reaper.hint(t);
+                    }
+                    if let Some(t) = deadline {
+                        self.timers.expirer.hint(t);
+                    }
+                }
+                // Missed some (lagged, or the store re-established its feed):
+                // everyone re-checks.
+                Ok(RemoteChange::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    self.notifier.notify_all();
+                    self.timers.wake_all();
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
     }
 
     /// The clock moved (tests with a manual clock): re-check every timer and

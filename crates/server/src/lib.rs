@@ -40,7 +40,9 @@ pub use engine::Engine;
 
 /// Opens the configured store (applying migrations, taking locks).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let opts = StoreOptions { retry: config.retry };
+    let opts = StoreOptions {
+        retry: config.retry,
+    };
     match &config.store {
         StoreConfig::Embedded { dir } => {
             let dir = dir.clone();
@@ -70,7 +72,11 @@ impl Server {
     /// Opens the store, starts the background tasks and serves on
     /// `listener` until `shutdown` fires; then drains in-flight calls (up to
     /// the configured grace) and closes the store.
-    pub async fn start(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<Server> {
+    pub async fn start(
+        config: Config,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Server> {
         let store = open_store(&config).await?;
         Self::start_with_store(store, config, listener, shutdown).await
     }
@@ -89,24 +95,32 @@ impl Server {
         tasks.spawn(tasks::reaper::run(engine.clone()));
         tasks.spawn(tasks::expirer::run(engine.clone()));
         tasks.spawn(tasks::scheduler::run(engine.clone()));
+        tasks.spawn(engine.clone().follow_remote());
         tasks.close();
         let app = api::router(engine.clone());
         let e = engine.clone();
         let handle = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned());
             let serve = tokio::spawn(async move { serve.await });
             shutdown.cancelled().await;
             // Long-polls answer at once (they watch the same token); give
             // in-flight calls the grace period to finish.
             match tokio::time::timeout(grace, serve).await {
-                Ok(res) => res.context("server task failed")?.context("serving failed")?,
+                Ok(res) => res
+                    .context("server task failed")?
+                    .context("serving failed")?,
                 Err(_) => tracing::warn!("in-flight calls did not finish within the grace period"),
             }
             tasks.wait().await;
             e.store.store_close().await;
             Ok(())
         });
-        Ok(Server { engine, addr, handle })
+        Ok(Server {
+            engine,
+            addr,
+            handle,
+        })
     }
 
     /// The engine (tests use it to move a manual clock).
@@ -126,6 +140,13 @@ impl Server {
 }
 
 /// Serves until `shutdown` fires, then drains and closes the store.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    Server::start(config, listener, shutdown).await?.join().await
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    Server::start(config, listener, shutdown)
+        .await?
+        .join()
+        .await
 }

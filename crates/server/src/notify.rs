@@ -52,7 +52,10 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         drop(self.rx.take());
         let mut keys = self.hub.keys.lock().unwrap_or_else(|e| e.into_inner());
-        if keys.get(&self.key).is_some_and(|tx| tx.receiver_count() == 0) {
+        if keys
+            .get(&self.key)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
             keys.remove(&self.key);
         }
     }
@@ -67,8 +70,15 @@ impl Notifier {
     /// Subscribes to a key.
     pub fn subscribe(&self, key: Key) -> Subscription {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        let rx = keys.entry(key.clone()).or_insert_with(|| watch::channel(0).0).subscribe();
-        Subscription { key, rx: Some(rx), hub: self.clone() }
+        let rx = keys
+            .entry(key.clone())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        Subscription {
+            key,
+            rx: Some(rx),
+            hub: self.clone(),
+        }
     }
 
     /// Wakes every subscriber of a key.
@@ -87,6 +97,14 @@ impl Notifier {
             if matches!(key, Key::Queue(_)) {
                 tx.send_modify(|n| *n = n.wrapping_add(1));
             }
+        }
+    }
+
+    /// Wakes every subscriber of every key (changes may have been missed).
+    pub fn notify_all(&self) {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        for tx in keys.values() {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
@@ -111,7 +129,9 @@ mod tests {
         let hub = Notifier::new();
         let mut sub = hub.subscribe(Key::Request("a".into()));
         hub.notify(&Key::Request("a".into()));
-        tokio::time::timeout(Duration::from_secs(1), sub.changed()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), sub.changed())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -120,9 +140,15 @@ mod tests {
         let mut sub = hub.subscribe(Key::Queue("q".into()));
         hub.notify(&Key::Queue("other".into()));
         hub.notify(&Key::Request("q".into()));
-        assert!(tokio::time::timeout(Duration::from_millis(50), sub.changed()).await.is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), sub.changed())
+                .await
+                .is_err()
+        );
         hub.notify_all_queues();
-        tokio::time::timeout(Duration::from_secs(1), sub.changed()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), sub.changed())
+            .await
+            .unwrap();
         drop(sub);
         assert!(hub.is_empty());
     }

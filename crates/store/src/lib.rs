@@ -238,6 +238,30 @@ pub struct StoreOptions {
     pub retry: RetryPolicy,
 }
 
+/// A change made by another process sharing the store (another node on the
+/// same PostgreSQL), for the local notifier and timers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RemoteChange {
+    /// A request changed.
+    Request {
+        /// Its id.
+        id: String,
+        /// Its queue.
+        queue: String,
+        /// Its new status.
+        status: Status,
+        /// When its lease runs out, if running.
+        lease_expires_at: Option<Ts>,
+        /// When it becomes claimable, if queued for later.
+        run_after: Option<Ts>,
+        /// Its deadline, if unfinished.
+        deadline: Option<Ts>,
+    },
+    /// Changes may have been missed (the listening connection was lost and
+    /// re-established): every waiter and timer must re-check.
+    Resync,
+}
+
 /// The storage seam. Methods in alphabetical order; all are cancel-safe in
 /// the sense that a write either commits whole or not at all.
 #[async_trait]
@@ -294,4 +318,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store answers.
     async fn store_ping(&self) -> Result<()>;
+
+    /// Changes made by *other* processes sharing this store, as they happen.
+    /// A store only one process can open (the embedded one) has none.
+    fn remote_changes(&self) -> Option<tokio::sync::broadcast::Receiver<RemoteChange>> {
+        None
+    }
 }
