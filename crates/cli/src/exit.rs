@@ -6,8 +6,6 @@ use coatcheck_core::Status;
 pub const OK: i32 = 0;
 /// The request ended `failed` (dead-lettered).
 pub const FAILED: i32 = 1;
-/// Bad usage (clap uses 2 as well).
-pub const USAGE: i32 = 2;
 /// The request ended `cancelled`.
 pub const CANCELLED: i32 = 3;
 /// The request ended `expired`.

@@ -29,7 +29,11 @@ pub fn request(req: &Request, json: bool) {
         println!("output:      {}", o.get());
     }
     if let Some(e) = &req.error {
-        let code = e.code.as_deref().map(|c| format!("[{c}] ")).unwrap_or_default();
+        let code = e
+            .code
+            .as_deref()
+            .map(|c| format!("[{c}] "))
+            .unwrap_or_default();
         println!("error:       {code}{}", e.message);
     }
 }

@@ -30,18 +30,29 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     /// Transport retries of one call: 100 ms, 200 ms, … up to 5 s.
-    pub const TRANSPORT: Backoff =
-        Backoff { base: Duration::from_millis(100), max: Duration::from_secs(5) };
+    pub const TRANSPORT: Backoff = Backoff {
+        base: Duration::from_millis(100),
+        max: Duration::from_secs(5),
+    };
 
     /// The worker's reconnect loop: 200 ms, 400 ms, … up to 10 s.
-    pub const WORKER: Backoff =
-        Backoff { base: Duration::from_millis(200), max: Duration::from_secs(10) };
+    pub const WORKER: Backoff = Backoff {
+        base: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+    };
 
     /// The delay before retry number `attempt` (0-based) given a random `r`
     /// in `[0, 1)`: between half and all of `min(max, base · 2^attempt)`.
     pub fn delay(&self, attempt: u32, r: f64) -> Duration {
-        let ceiling = self.base.saturating_mul(1u32 << attempt.min(20)).min(self.max);
-        let r = if r.is_finite() { r.clamp(0.0, 1.0) } else { 0.0 };
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << attempt.min(20))
+            .min(self.max);
+        let r = if r.is_finite() {
+            r.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let half = ceiling / 2;
         half + half.mul_f64(r)
     }
@@ -71,7 +82,10 @@ mod tests {
 
     #[test]
     fn grows_exponentially_within_bounds() {
-        let b = Backoff { base: Duration::from_millis(100), max: Duration::from_secs(5) };
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        };
         assert_eq!(b.delay(0, 0.0), Duration::from_millis(50));
         assert_eq!(b.delay(0, 1.0), Duration::from_millis(100));
         assert_eq!(b.delay(1, 0.0), Duration::from_millis(100));
@@ -104,7 +118,10 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
         h.insert(RETRY_AFTER, HeaderValue::from_static(" 0 "));
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
-        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), None);
         h.insert(RETRY_AFTER, HeaderValue::from_static("-1"));
         assert_eq!(retry_after(&h), None);

@@ -54,10 +54,16 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("base_url", &self.inner.transport.base)
-            .field("api_key", &self.inner.transport.api_key.as_ref().map(|_| "…"))
+            .field(
+                "api_key",
+                &self.inner.transport.api_key.as_ref().map(|_| "…"),
+            )
             .field("timeout", &self.inner.transport.timeout)
             .field("retries", &self.inner.transport.retries)
-            .field("journal", &self.inner.journal.as_ref().map(|j| j.path().to_path_buf()))
+            .field(
+                "journal",
+                &self.inner.journal.as_ref().map(|j| j.path().to_path_buf()),
+            )
             .finish()
     }
 }
@@ -139,13 +145,17 @@ impl ClientBuilder {
             Some(path) => Some(Arc::new(Journal::open(&path)?)),
             None => None,
         };
-        Ok(Client { inner: Arc::new(Inner { transport, journal }) })
+        Ok(Client {
+            inner: Arc::new(Inner { transport, journal }),
+        })
     }
 }
 
 /// What a cancel did.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
+// Returned once per call and matched by value: boxing would only cost ergonomics.
+#[allow(clippy::large_enum_variant)]
 pub enum CancelOutcome {
     /// `200`: it was queued and is now `cancelled`.
     Cancelled(Request),
@@ -179,7 +189,12 @@ impl Client {
     pub fn with_journal(self, path: impl AsRef<Path>) -> Result<Client> {
         let journal = Arc::new(Journal::open(path.as_ref())?);
         let transport = self.inner.transport.clone();
-        Ok(Client { inner: Arc::new(Inner { transport, journal: Some(journal) }) })
+        Ok(Client {
+            inner: Arc::new(Inner {
+                transport,
+                journal: Some(journal),
+            }),
+        })
     }
 
     pub(crate) fn transport(&self) -> &Transport {
@@ -252,7 +267,11 @@ impl Client {
     /// and [`Error::request_error`] say how it ended.
     pub async fn result<T: DeserializeOwned>(&self, id: &str) -> Result<T> {
         let t = self.transport();
-        let rb = t.request(Method::GET, t.url(&["v1", "requests", id, "result"])?, Duration::ZERO);
+        let rb = t.request(
+            Method::GET,
+            t.url(&["v1", "requests", id, "result"])?,
+            Duration::ZERO,
+        );
         let resp = t.send(rb, Replay::Safe).await?;
         match resp.status().as_u16() {
             200 => {
@@ -288,7 +307,11 @@ impl Client {
     /// worker is asked to stop). Terminal already: a 409 [`Error::Api`].
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome> {
         let t = self.transport();
-        let rb = t.request(Method::DELETE, t.url(&["v1", "requests", id])?, Duration::ZERO);
+        let rb = t.request(
+            Method::DELETE,
+            t.url(&["v1", "requests", id])?,
+            Duration::ZERO,
+        );
         // A repeated DELETE whose first answer was lost would say 409: only
         // retry when the first never reached the server.
         let resp = t.send(rb, Replay::ConnectOnly).await?;
@@ -306,7 +329,11 @@ impl Client {
     /// `GET /v1/requests/{id}/history`: its timeline, oldest first.
     pub async fn history(&self, id: &str) -> Result<Vec<HistoryEvent>> {
         let t = self.transport();
-        let rb = t.request(Method::GET, t.url(&["v1", "requests", id, "history"])?, Duration::ZERO);
+        let rb = t.request(
+            Method::GET,
+            t.url(&["v1", "requests", id, "history"])?,
+            Duration::ZERO,
+        );
         let body: HistoryResponse = http::json(t.send(rb, Replay::Safe).await?).await?;
         Ok(body.events)
     }
@@ -315,7 +342,11 @@ impl Client {
     /// expired request back to `queued` with fresh attempts.
     pub async fn redrive(&self, id: &str) -> Result<Request> {
         let t = self.transport();
-        let rb = t.request(Method::POST, t.url(&["v1", "requests", id, "redrive"])?, Duration::ZERO);
+        let rb = t.request(
+            Method::POST,
+            t.url(&["v1", "requests", id, "redrive"])?,
+            Duration::ZERO,
+        );
         // Repeating a redrive that landed would answer 409.
         http::json(t.send(rb, Replay::ConnectOnly).await?).await
     }
@@ -334,7 +365,11 @@ impl Client {
         let t = self.transport();
         let wait = duration_arg("wait", body.wait)?;
         let rb = t
-            .request(Method::POST, t.url(&["v1", "queues", queue, "claims"])?, wait)
+            .request(
+                Method::POST,
+                t.url(&["v1", "queues", queue, "claims"])?,
+                wait,
+            )
             .json(&body);
         // A claim whose answer was lost leaves its requests leased to nobody
         // until the lease runs out: never repeat one that reached the server.
@@ -347,7 +382,11 @@ impl Client {
     pub async fn heartbeat(&self, id: &str, body: HeartbeatBody) -> Result<HeartbeatResponse> {
         let t = self.transport();
         let rb = t
-            .request(Method::POST, t.url(&["v1", "requests", id, "heartbeat"])?, Duration::ZERO)
+            .request(
+                Method::POST,
+                t.url(&["v1", "requests", id, "heartbeat"])?,
+                Duration::ZERO,
+            )
             .json(&body);
         http::json(t.send(rb, Replay::Safe).await?).await
     }
@@ -362,10 +401,17 @@ impl Client {
     ) -> Result<Request> {
         let output = serde_json::value::to_raw_value(output)
             .map_err(|e| Error::Invalid(format!("output does not serialize: {e}")))?;
-        let body = CompleteBody { lease_token: lease_token.to_string(), output };
+        let body = CompleteBody {
+            lease_token: lease_token.to_string(),
+            output,
+        };
         let t = self.transport();
         let rb = t
-            .request(Method::POST, t.url(&["v1", "requests", id, "complete"])?, Duration::ZERO)
+            .request(
+                Method::POST,
+                t.url(&["v1", "requests", id, "complete"])?,
+                Duration::ZERO,
+            )
             .json(&body);
         http::json(t.send(rb, Replay::Safe).await?).await
     }
@@ -377,7 +423,11 @@ impl Client {
         duration_arg("retry_after", body.retry_after)?;
         let t = self.transport();
         let rb = t
-            .request(Method::POST, t.url(&["v1", "requests", id, "fail"])?, Duration::ZERO)
+            .request(
+                Method::POST,
+                t.url(&["v1", "requests", id, "fail"])?,
+                Duration::ZERO,
+            )
             .json(&body);
         // A repeated fail after a lost answer gets a harmless 409 (fenced).
         http::json(t.send(rb, Replay::Safe).await?).await
@@ -400,7 +450,11 @@ impl Client {
         let t = self.transport();
         let body = SettlementsBody { items };
         let rb = t
-            .request(Method::POST, t.url(&["v1", "queues", queue, "settlements"])?, Duration::ZERO)
+            .request(
+                Method::POST,
+                t.url(&["v1", "queues", queue, "settlements"])?,
+                Duration::ZERO,
+            )
             .json(&body);
         let resp: SettlementsResponse = http::json(t.send(rb, Replay::Safe).await?).await?;
         if resp.items.len() != body.items.len() {
@@ -478,14 +532,24 @@ mod tests {
     fn base_url_is_checked() {
         assert!(Client::new("http://127.0.0.1:8080").is_ok());
         assert!(Client::new("https://example.com/prefix/").is_ok());
-        for bad in ["", "127.0.0.1:8080", "ftp://x", "http://x/?q=1", "http://x/#f", "mailto:a@b"] {
+        for bad in [
+            "",
+            "127.0.0.1:8080",
+            "ftp://x",
+            "http://x/?q=1",
+            "http://x/#f",
+            "mailto:a@b",
+        ] {
             assert!(matches!(Client::new(bad), Err(Error::Invalid(_))), "{bad}");
         }
     }
 
     #[test]
     fn debug_hides_the_key() {
-        let c = Client::builder("http://x").api_key("sekrit").build().unwrap();
+        let c = Client::builder("http://x")
+            .api_key("sekrit")
+            .build()
+            .unwrap();
         let s = format!("{c:?}");
         assert!(!s.contains("sekrit"), "{s}");
     }

@@ -114,7 +114,10 @@ impl Error {
         } else {
             truncate(text, 512)
         };
-        Error::Api { status, problem: synthetic_problem(status, detail) }
+        Error::Api {
+            status,
+            problem: synthetic_problem(status, detail),
+        }
     }
 }
 
@@ -151,7 +154,8 @@ mod tests {
 
     #[test]
     fn decodes_a_problem_document() {
-        let body = br#"{"type":"https://coatcheck.dev/problems/request-failed","title":"Request failed",
+        let body =
+            br#"{"type":"https://coatcheck.dev/problems/request-failed","title":"Request failed",
             "status":409,"detail":"the request failed","request_status":"failed",
             "error":{"code":"boom","message":"it broke"}}"#;
         let err = Error::from_body(409, body);
@@ -181,7 +185,11 @@ mod tests {
 
         let err = Error::from_body(404, b"");
         assert!(err.is_not_found());
-        assert!(err.problem().unwrap().detail.contains("without a problem document"));
+        assert!(err
+            .problem()
+            .unwrap()
+            .detail
+            .contains("without a problem document"));
 
         let long = "é".repeat(1000);
         let err = Error::from_body(400, long.as_bytes());

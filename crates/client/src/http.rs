@@ -66,7 +66,10 @@ impl Transport {
             .http
             .request(method, url)
             .timeout(self.timeout.saturating_add(extra))
-            .header(reqwest::header::ACCEPT, "application/json, application/problem+json");
+            .header(
+                reqwest::header::ACCEPT,
+                "application/json, application/problem+json",
+            );
         if let Some(key) = &self.api_key {
             rb = rb.bearer_auth(key);
         }
@@ -198,13 +201,19 @@ mod tests {
     fn encodes_path_segments_strictly() {
         let t = transport("http://localhost:8080/");
         let u = t.url(&["v1", "requests", "a/b?c#d%e f"]).unwrap();
-        assert_eq!(u.as_str(), "http://localhost:8080/v1/requests/a%2Fb%3Fc%23d%25e%20f");
+        assert_eq!(
+            u.as_str(),
+            "http://localhost:8080/v1/requests/a%2Fb%3Fc%23d%25e%20f"
+        );
         let u = t.url(&["v1", "requests", "ä\\x"]).unwrap();
         assert_eq!(u.path(), "/v1/requests/%C3%A4%5Cx");
         let u = t.url(&["v1", "requests", "%2e%2E"]).unwrap();
         assert_eq!(u.path(), "/v1/requests/%252e%252E");
         for bad in ["", ".", ".."] {
-            assert!(matches!(t.url(&["v1", "requests", bad]), Err(Error::Invalid(_))), "{bad:?}");
+            assert!(
+                matches!(t.url(&["v1", "requests", bad]), Err(Error::Invalid(_))),
+                "{bad:?}"
+            );
         }
     }
 

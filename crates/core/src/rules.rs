@@ -392,7 +392,8 @@ pub fn cancel(req: &mut Request, now: Ts) -> Result<(CancelOutcome, Vec<HistoryE
 }
 
 /// Redrive: a `failed`, `cancelled` or `expired` request goes back to `queued`
-/// with fresh attempts. A deadline that has already passed is dropped (it
+/// with fresh attempts, no progress, and no fallback link (the old link
+/// stays in its history). A deadline that has already passed is dropped (it
 /// would expire the request again at once).
 pub fn redrive(req: &mut Request, now: Ts) -> Result<Vec<HistoryEvent>, RuleError> {
     let from = req.status;
@@ -406,6 +407,9 @@ pub fn redrive(req: &mut Request, now: Ts) -> Result<Vec<HistoryEvent>, RuleErro
     req.cancel_requested = false;
     req.finished_at = None;
     req.run_after = None;
+    req.progress = None;
+    // A fresh run: it may fall back again, and it sends its own reply.
+    req.fallback_request_id = None;
     if req.deadline.is_some_and(|d| d <= now) {
         req.deadline = None;
     }
@@ -462,6 +466,65 @@ pub fn fallback(
 /// leaves the reply to the fallback).
 pub fn reply_due(req: &Request) -> bool {
     req.status.is_terminal() && req.reply_to.is_some() && req.fallback_request_id.is_none()
+}
+
+/// Where a reply goes, and what it says.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The return address.
+    pub to: ReplyTo,
+    /// The message.
+    pub message: crate::wire::ReplyMessage,
+}
+
+/// For a transition that just produced `events`: the reply to send if the
+/// request just became terminal with a return address (and is the last of
+/// its chain). A channel reply counts as delivered when it is appended, so
+/// its `reply_delivered` event is recorded here, in the same transaction; a
+/// webhook's events come with each delivery attempt.
+pub fn reply(req: &mut Request, events: &mut Vec<HistoryEvent>, now: Ts) -> Option<Reply> {
+    let terminal_now = events.iter().any(|e| {
+        matches!(
+            e.kind,
+            EventKind::Succeeded { .. }
+                | EventKind::Failed { .. }
+                | EventKind::Cancelled
+                | EventKind::Expired { .. }
+        )
+    });
+    if !terminal_now || !reply_due(req) {
+        return None;
+    }
+    let to = req.reply_to.clone()?;
+    let message = crate::wire::ReplyMessage {
+        message_id: crate::model::new_request_id(),
+        request_id: req.id.clone(),
+        correlation_id: req.correlation_id.clone(),
+        queue: req.queue.clone(),
+        status: req.status,
+        output: req.output.clone(),
+        error: req.error.clone(),
+        finished_at: req.finished_at,
+    };
+    if let ReplyTo::Channel(_) = &to {
+        let kind = EventKind::ReplyDelivered {
+            target: "channel".into(),
+            attempt: 1,
+            http_status: None,
+        };
+        push(req, now, kind, events);
+    }
+    Some(Reply { to, message })
+}
+
+/// Records an event that changes nothing but the history (reply delivery
+/// attempts).
+pub fn record(req: &mut Request, kind: EventKind, now: Ts) -> Vec<HistoryEvent> {
+    let updated = req.updated_at;
+    let mut out = Vec::with_capacity(1);
+    push(req, now, kind, &mut out);
+    req.updated_at = updated;
+    out
 }
 
 fn cancelled_error() -> ErrorInfo {

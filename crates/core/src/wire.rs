@@ -295,3 +295,69 @@ fn json_null() -> Box<RawValue> {
 pub fn null_raw() -> Box<RawValue> {
     json_null()
 }
+
+/// A reply message: what a request's return address receives when it is
+/// terminal. `message_id` is stable across redeliveries, so receivers can
+/// deduplicate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReplyMessage {
+    /// Stable id of this message (also the webhook's `webhook-id`).
+    pub message_id: String,
+    /// The request it answers.
+    pub request_id: String,
+    /// The client's correlation id.
+    pub correlation_id: Option<String>,
+    /// The queue the request ran on (the last of a fallback chain).
+    pub queue: String,
+    /// The terminal status.
+    pub status: Status,
+    /// The output, when succeeded.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub output: Option<Box<RawValue>>,
+    /// The error, when failed, cancelled or expired.
+    pub error: Option<ErrorInfo>,
+    /// When the request finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One message received from a reply channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ChannelMessage {
+    /// The reply message.
+    #[serde(flatten)]
+    pub message: ReplyMessage,
+    /// Acknowledge with this token before the visibility timeout, or the
+    /// message is delivered again.
+    pub ack_token: String,
+    /// How many times it has been delivered (1 the first time).
+    pub delivery_count: u32,
+}
+
+/// `GET /v1/channels/{name}/messages`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ChannelMessages {
+    /// Possibly empty after `wait`.
+    pub messages: Vec<ChannelMessage>,
+}
+
+/// `POST /v1/channels/{name}/ack`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AckBody {
+    /// Tokens from received messages (1..1000).
+    pub ack_tokens: Vec<String>,
+}
+
+/// The answer to an ack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AckResponse {
+    /// Tokens whose messages are now removed for good.
+    pub acked: Vec<String>,
+    /// Tokens that match no message held under them (already acked, or
+    /// their visibility ran out and the message was delivered again).
+    pub not_found: Vec<String>,
+}

@@ -44,6 +44,29 @@ pub struct Config {
     pub clock: Arc<dyn Clock>,
     /// How long shutdown waits for in-flight calls.
     pub shutdown_grace: Duration,
+    /// Standard Webhooks secrets (`whsec_…`, decoded); replies are signed
+    /// with each (several allow rotation). Empty: webhook replies refused.
+    pub webhook_secrets: Vec<Vec<u8>>,
+    /// Allow webhook targets on private, loopback and link-local addresses.
+    pub webhook_allow_private: bool,
+    /// How long one webhook attempt may take.
+    pub webhook_timeout: Duration,
+    /// The delays before each retry of a failed webhook attempt; when they
+    /// are used up the delivery fails for good.
+    pub webhook_schedule: Vec<Duration>,
+    /// Unacknowledged channel messages older than this are deleted.
+    pub channel_retention: Duration,
+    /// How often an idle SSE stream sends a keep-alive comment.
+    pub sse_keep_alive: Duration,
+}
+
+/// The default webhook retry schedule (Svix's): 5 s, 5 min, 30 min, 2 h,
+/// 5 h, 10 h, 10 h — eight attempts over about 27 hours.
+pub fn default_webhook_schedule() -> Vec<Duration> {
+    [5, 300, 1800, 7200, 18000, 36000, 36000]
+        .into_iter()
+        .map(Duration::from_secs)
+        .collect()
 }
 
 impl Config {
@@ -59,6 +82,12 @@ impl Config {
             retry: RetryPolicy::default(),
             clock: Arc::new(SystemClock),
             shutdown_grace: Duration::from_secs(10),
+            webhook_secrets: Vec::new(),
+            webhook_allow_private: false,
+            webhook_timeout: Duration::from_secs(10),
+            webhook_schedule: default_webhook_schedule(),
+            channel_retention: Duration::from_secs(7 * 24 * 3600),
+            sse_keep_alive: Duration::from_secs(15),
         }
     }
 }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coatcheck_core::rules::CancelOutcome;
-use coatcheck_core::{Clock, HistoryEvent, Request, Status, Ts};
+use coatcheck_core::{Clock, HistoryEvent, ReplyTo, Request, Status, Ts};
 use coatcheck_store::{
-    Changed, ClaimParams, HeartbeatParams, ListParams, RemoteChange, RequestRef, Result, SettleParams,
-    Settlement, Store, StoreError, SubmitParams, Submitted,
+    Changed, ClaimParams, HeartbeatParams, ListParams, RemoteChange, RequestRef, Result,
+    SettleParams, Settlement, Store, StoreError, SubmitParams, Submitted,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -100,6 +100,13 @@ impl Engine {
             if let Some(counter) = counter {
                 self.metrics.add(counter, &r.queue, 1);
             }
+        }
+        match &c.reply {
+            Some(ReplyTo::Channel(ch)) => self
+                .notifier
+                .notify(&Key::Channel(r.tenant.clone(), ch.clone())),
+            Some(ReplyTo::Webhook(_)) => self.timers.webhooks.hint(now),
+            None => {}
         }
         if let Some(s) = &c.spawned {
             self.metrics.add(Counter::Submitted, &s.queue, 1);
@@ -292,14 +299,23 @@ impl Engine {
     /// Follows changes other nodes make to a shared store, waking local
     /// waiters and timers as if the change were local. Runs until shutdown.
     pub async fn follow_remote(self: Arc<Self>) {
-        let Some(mut rx) = self.store.remote_changes() else { return };
+        let Some(mut rx) = self.store.remote_changes() else {
+            return;
+        };
         loop {
             let change = tokio::select! {
                 c = rx.recv() => c,
                 _ = self.shutdown.cancelled() => return,
             };
             match change {
-                Ok(RemoteChange::Request { id, queue, status, lease_expires_at, run_after, deadline }) => {
+                Ok(RemoteChange::Request {
+                    id,
+                    queue,
+                    status,
+                    lease_expires_at,
+                    run_after,
+                    deadline,
+                }) => {
                     let now = self.now();
                     self.notifier.notify(&Key::Request(id));
                     if status == Status::Queued {
@@ -317,7 +333,8 @@ impl Engine {
                 }
                 // Missed some (lagged, or the store re-established its feed):
                 // everyone re-checks.
-                Ok(RemoteChange::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                Ok(RemoteChange::Resync)
+                | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     self.notifier.notify_all();
                     self.timers.wake_all();
                 }

@@ -23,6 +23,7 @@ pub mod engine;
 pub mod metrics;
 pub mod notify;
 pub mod tasks;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,6 +96,8 @@ impl Server {
         tasks.spawn(tasks::reaper::run(engine.clone()));
         tasks.spawn(tasks::expirer::run(engine.clone()));
         tasks.spawn(tasks::scheduler::run(engine.clone()));
+        tasks.spawn(tasks::webhooks::run(engine.clone()));
+        tasks.spawn(tasks::retention::run(engine.clone()));
         tasks.spawn(engine.clone().follow_remote());
         tasks.close();
         let app = api::router(engine.clone());

@@ -11,8 +11,9 @@ use coatcheck_core::{Status, Ts};
 use coatcheck_store::QueueCounts;
 
 /// Histogram bucket upper bounds, in seconds.
-const BUCKETS: [f64; 14] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
 
 #[derive(Debug, Default, Clone)]
 struct Histogram {
@@ -34,7 +35,11 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {}", self.counts[i]);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels},le=\"{b}\"}} {}",
+                self.counts[i]
+            );
         }
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
         let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
@@ -93,7 +98,9 @@ pub struct Metrics {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -115,7 +122,10 @@ impl Metrics {
         self.add(Counter::Claimed, queue, n);
         let sec = now.timestamp();
         let mut inner = self.lock();
-        let window = inner.claim_window.entry(queue.to_string()).or_insert([(0, 0); 60]);
+        let window = inner
+            .claim_window
+            .entry(queue.to_string())
+            .or_insert([(0, 0); 60]);
         let slot = &mut window[sec.rem_euclid(60) as usize];
         if slot.0 != sec {
             *slot = (sec, 0);
@@ -127,15 +137,25 @@ impl Metrics {
     pub fn claim_rate(&self, queue: &str, now: Ts) -> f64 {
         let sec = now.timestamp();
         let inner = self.lock();
-        let Some(window) = inner.claim_window.get(queue) else { return 0.0 };
-        let n: u64 = window.iter().filter(|(s, _)| sec - *s < 60 && *s <= sec).map(|(_, n)| n).sum();
+        let Some(window) = inner.claim_window.get(queue) else {
+            return 0.0;
+        };
+        let n: u64 = window
+            .iter()
+            .filter(|(s, _)| sec - *s < 60 && *s <= sec)
+            .map(|(_, n)| n)
+            .sum();
         n as f64 / 60.0
     }
 
     /// Records a finished request's time from submit to terminal.
     pub fn finished(&self, queue: &str, created: Ts, finished: Ts) {
         let secs = (finished - created).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
-        self.lock().e2e.entry(queue.to_string()).or_default().observe(secs);
+        self.lock()
+            .e2e
+            .entry(queue.to_string())
+            .or_default()
+            .observe(secs);
     }
 
     /// Records one HTTP call.
@@ -156,8 +176,17 @@ impl Metrics {
         out.push_str("# TYPE coatcheck_requests gauge\n");
         for q in queues {
             for st in Status::ALL {
-                let n = q.counts.iter().find(|(s, _)| *s == st).map(|(_, n)| *n).unwrap_or(0);
-                let _ = writeln!(out, "coatcheck_requests{{queue=\"{}\",status=\"{st}\"}} {n}", escape(&q.queue));
+                let n = q
+                    .counts
+                    .iter()
+                    .find(|(s, _)| *s == st)
+                    .map(|(_, n)| *n)
+                    .unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "coatcheck_requests{{queue=\"{}\",status=\"{st}\"}} {n}",
+                    escape(&q.queue)
+                );
             }
         }
         let inner = self.lock();
@@ -172,12 +201,21 @@ impl Metrics {
         out.push_str("# HELP coatcheck_request_duration_seconds Submit to terminal, by queue.\n");
         out.push_str("# TYPE coatcheck_request_duration_seconds histogram\n");
         for (queue, h) in &inner.e2e {
-            h.render(&mut out, "coatcheck_request_duration_seconds", &format!("queue=\"{}\"", escape(queue)));
+            h.render(
+                &mut out,
+                "coatcheck_request_duration_seconds",
+                &format!("queue=\"{}\"", escape(queue)),
+            );
         }
-        out.push_str("# HELP coatcheck_http_request_duration_seconds HTTP calls by route and status.\n");
+        out.push_str(
+            "# HELP coatcheck_http_request_duration_seconds HTTP calls by route and status.\n",
+        );
         out.push_str("# TYPE coatcheck_http_request_duration_seconds histogram\n");
         for ((method, route, status), h) in &inner.http {
-            let labels = format!("method=\"{method}\",route=\"{}\",status=\"{status}\"", escape(route));
+            let labels = format!(
+                "method=\"{method}\",route=\"{}\",status=\"{status}\"",
+                escape(route)
+            );
             h.render(&mut out, "coatcheck_http_request_duration_seconds", &labels);
         }
         out

@@ -20,6 +20,8 @@ pub enum Key {
     Queue(String),
     /// This request changed.
     Request(String),
+    /// A message may be receivable on this channel of this tenant.
+    Channel(String, String),
 }
 
 /// The in-process hub.
@@ -95,6 +97,16 @@ impl Notifier {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         for (key, tx) in keys.iter() {
             if matches!(key, Key::Queue(_)) {
+                tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+    }
+
+    /// Wakes every subscriber of every channel (a message became visible again).
+    pub fn notify_all_channels(&self) {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, tx) in keys.iter() {
+            if matches!(key, Key::Channel(..)) {
                 tx.send_modify(|n| *n = n.wrapping_add(1));
             }
         }

@@ -25,10 +25,12 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use coatcheck_core::rules::CancelOutcome;
+use coatcheck_core::wire::ChannelMessage;
 use coatcheck_core::{HistoryEvent, Request, Ts};
 use coatcheck_store::{
-    Changed, ClaimParams, DueTimes, HeartbeatParams, ListParams, QueueCounts, RequestRef, Result,
-    SettleParams, Store, StoreError, StoreOptions, SubmitParams, Submitted,
+    Changed, ChannelReceiveParams, ClaimParams, DueTimes, HeartbeatParams, ListParams, QueueCounts,
+    RequestRef, Result, SettleParams, Store, StoreError, StoreOptions, SubmitParams, Submitted,
+    WebhookDelivery, WebhookOutcome,
 };
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -91,6 +93,12 @@ fn connect(db: &Path) -> rusqlite::Result<Connection> {
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if applied as usize > sql::MIGRATIONS.len() {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "the data directory has schema version {applied}, newer than this coatcheck knows ({}); use a newer coatcheck",
+            sql::MIGRATIONS.len()
+        )));
+    }
     for (i, m) in sql::MIGRATIONS.iter().enumerate().skip(applied as usize) {
         conn.execute_batch(&format!(
             "BEGIN IMMEDIATE; {m}; PRAGMA user_version = {}; COMMIT;",
@@ -160,6 +168,25 @@ impl Store for SqliteStore {
         self.reads.run(move |c| read::due_times(c, now)).await
     }
 
+    async fn channel_ack(
+        &self,
+        tenant: String,
+        channel: String,
+        tokens: Vec<String>,
+        now: Ts,
+    ) -> Result<Vec<bool>> {
+        self.write(|tx| Cmd::ChannelAck(tenant, channel, tokens, now, tx))
+            .await
+    }
+
+    async fn channel_purge(&self, before: Ts, limit: u32) -> Result<u64> {
+        self.write(|tx| Cmd::ChannelPurge(before, limit, tx)).await
+    }
+
+    async fn channel_receive(&self, p: ChannelReceiveParams) -> Result<Vec<ChannelMessage>> {
+        self.write(|tx| Cmd::ChannelReceive(p, tx)).await
+    }
+
     async fn dead_letter_redrive(&self, r: RequestRef, now: Ts) -> Result<Changed> {
         self.write(|tx| Cmd::Redrive(r, now, tx)).await
     }
@@ -215,6 +242,20 @@ impl Store for SqliteStore {
 
     async fn request_submit(&self, p: SubmitParams) -> Result<Submitted> {
         self.write(|tx| Cmd::Submit(Box::new(p), tx)).await
+    }
+
+    async fn webhook_claim_due(
+        &self,
+        now: Ts,
+        limit: u32,
+        lease: std::time::Duration,
+    ) -> Result<Vec<WebhookDelivery>> {
+        self.write(|tx| Cmd::WebhookClaim(now, limit, lease, tx))
+            .await
+    }
+
+    async fn webhook_record(&self, o: WebhookOutcome) -> Result<()> {
+        self.write(|tx| Cmd::WebhookRecord(o, tx)).await
     }
 
     async fn store_close(&self) {

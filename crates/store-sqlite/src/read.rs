@@ -89,6 +89,8 @@ pub fn due_times(c: &Connection, now: Ts) -> Result<DueTimes> {
         lease_expiry: sql::min_ts(c, sql::NEXT_LEASE_EXPIRY, [])?,
         deadline: sql::min_ts(c, sql::NEXT_DEADLINE, [])?,
         run_after: sql::min_ts(c, sql::NEXT_RUN_AFTER, [to_micros(now)])?,
+        channel_visible: sql::min_ts(c, sql::NEXT_CHANNEL_VISIBLE, [to_micros(now)])?,
+        webhook: sql::min_ts(c, sql::NEXT_WEBHOOK, [])?,
     })
 }
 

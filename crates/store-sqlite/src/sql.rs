@@ -8,7 +8,10 @@ use rusqlite::{named_params, Connection, OptionalExtension, Row};
 use serde_json::value::RawValue;
 
 /// The migrations, in order; `PRAGMA user_version` is the number applied.
-pub const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_replies.sql"),
+];
 
 const COLUMNS: &str = "id, tenant, queue, status, priority, attempts, max_attempts, cancel_requested, \
     correlation_id, input, output, error, progress, reply_to, metadata, fallback_queue, fallback_of, \
@@ -235,7 +238,6 @@ pub fn as_stored(req: &mut Request, events: &mut [HistoryEvent]) {
     }
 }
 
-
 /// Loads one request by id.
 pub fn load(conn: &Connection, id: &str) -> Result<Option<Request>> {
     let mut stmt = conn.prepare_cached(&select_by_id()).map_err(classify)?;
@@ -360,3 +362,41 @@ pub fn min_ts(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Re
         .flatten();
     Ok(v.map(from_micros))
 }
+
+pub const INSERT_CHANNEL_MESSAGE: &str = "INSERT INTO channel_messages \
+    (tenant, channel, message_id, request_id, body, visible_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)";
+
+pub const SELECT_CHANNEL_VISIBLE: &str = "SELECT seq, body, deliveries FROM channel_messages \
+    WHERE tenant = ?1 AND channel = ?2 AND visible_at <= ?3 ORDER BY seq LIMIT ?4";
+
+pub const UPDATE_CHANNEL_DELIVERED: &str =
+    "UPDATE channel_messages SET visible_at = ?2, deliveries = deliveries + 1, ack_token = ?3 WHERE seq = ?1";
+
+pub const DELETE_CHANNEL_ACKED: &str =
+    "DELETE FROM channel_messages WHERE tenant = ?1 AND channel = ?2 AND ack_token = ?3 AND visible_at > ?4";
+
+pub const DELETE_CHANNEL_BEFORE: &str = "DELETE FROM channel_messages WHERE seq IN \
+    (SELECT seq FROM channel_messages WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)";
+
+pub const NEXT_CHANNEL_VISIBLE: &str =
+    "SELECT min(visible_at) FROM channel_messages WHERE deliveries > 0 AND visible_at > ?1";
+
+pub const INSERT_WEBHOOK: &str = "INSERT INTO webhook_deliveries \
+    (message_id, request_id, url, body, attempts, state, next_attempt_at, created_at) \
+    VALUES (?1, ?2, ?3, ?4, 0, 'pending', ?5, ?5)";
+
+pub const SELECT_WEBHOOKS_DUE: &str = "SELECT message_id, request_id, url, body, attempts, created_at \
+    FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2";
+
+pub const LEASE_WEBHOOK: &str =
+    "UPDATE webhook_deliveries SET next_attempt_at = ?2 WHERE message_id = ?1";
+
+pub const RECORD_WEBHOOK: &str =
+    "UPDATE webhook_deliveries SET attempts = ?2, state = ?3, next_attempt_at = ?4 \
+    WHERE message_id = ?1 AND state = 'pending'";
+
+pub const SELECT_WEBHOOK_REQUEST: &str =
+    "SELECT request_id FROM webhook_deliveries WHERE message_id = ?1";
+
+pub const NEXT_WEBHOOK: &str =
+    "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'";

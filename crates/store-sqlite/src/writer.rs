@@ -8,12 +8,15 @@
 
 use std::sync::mpsc;
 
+use coatcheck_core::clock::to_micros;
 use coatcheck_core::model::{new_lease_token, new_request_id};
 use coatcheck_core::rules::{self, CancelOutcome};
+use coatcheck_core::wire::ChannelMessage;
+use coatcheck_core::{EventKind, ReplyTo};
 use coatcheck_core::{Request, RetryPolicy, Ts};
 use coatcheck_store::{
-    Changed, ClaimParams, HeartbeatParams, RequestRef, Result, SettleParams, Settlement,
-    StoreError, SubmitParams, Submitted,
+    Changed, ChannelReceiveParams, ClaimParams, HeartbeatParams, RequestRef, Result, SettleParams,
+    Settlement, StoreError, SubmitParams, Submitted, WebhookDelivery, WebhookOutcome,
 };
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -35,6 +38,11 @@ pub enum Cmd {
     Redrive(RequestRef, Ts, Reply<Changed>),
     ExpireLeases(Ts, u32, Reply<Vec<Changed>>),
     ExpireDeadlines(Ts, u32, Reply<Vec<Changed>>),
+    ChannelReceive(ChannelReceiveParams, Reply<Vec<ChannelMessage>>),
+    ChannelAck(String, String, Vec<String>, Ts, Reply<Vec<bool>>),
+    ChannelPurge(Ts, u32, Reply<u64>),
+    WebhookClaim(Ts, u32, std::time::Duration, Reply<Vec<WebhookDelivery>>),
+    WebhookRecord(WebhookOutcome, Reply<()>),
 }
 
 /// An answer held back until the commit: called with the commit's error, if any.
@@ -111,6 +119,11 @@ impl Writer {
             Cmd::Redrive(_, _, tx) => pending(tx, Err(e)),
             Cmd::ExpireLeases(_, _, tx) => pending(tx, Err(e)),
             Cmd::ExpireDeadlines(_, _, tx) => pending(tx, Err(e)),
+            Cmd::ChannelReceive(_, tx) => pending(tx, Err(e)),
+            Cmd::ChannelAck(_, _, _, _, tx) => pending(tx, Err(e)),
+            Cmd::ChannelPurge(_, _, tx) => pending(tx, Err(e)),
+            Cmd::WebhookClaim(_, _, _, tx) => pending(tx, Err(e)),
+            Cmd::WebhookRecord(_, tx) => pending(tx, Err(e)),
         }
     }
 
@@ -134,6 +147,17 @@ impl Writer {
             Cmd::ExpireDeadlines(now, limit, tx) => {
                 self.finish(tx, self.expire_deadlines(now, limit))
             }
+            Cmd::ChannelReceive(p, tx) => self.finish(tx, self.channel_receive(p)),
+            Cmd::ChannelAck(t, c, tokens, now, tx) => {
+                self.finish(tx, self.channel_ack(t, c, tokens, now))
+            }
+            Cmd::ChannelPurge(before, limit, tx) => {
+                self.finish(tx, self.channel_purge(before, limit))
+            }
+            Cmd::WebhookClaim(now, limit, lease, tx) => {
+                self.finish(tx, self.webhook_claim(now, limit, lease))
+            }
+            Cmd::WebhookRecord(o, tx) => self.finish(tx, self.webhook_record(o)),
         };
         let end = if ok {
             "RELEASE cmd"
@@ -230,12 +254,8 @@ impl Writer {
 
     fn heartbeat(&self, p: HeartbeatParams) -> Result<Changed> {
         let mut req = self.load(&RequestRef::any(p.id))?;
-        let mut events = rules::heartbeat(&mut req, &p.lease_token, p.progress, p.extend, p.now)?;
-        self.save(&mut req, &mut events)?;
-        Ok(Changed {
-            request: req,
-            spawned: None,
-        })
+        let events = rules::heartbeat(&mut req, &p.lease_token, p.progress, p.extend, p.now)?;
+        self.after_transition(req, events, p.now)
     }
 
     fn settle_many(&self, items: Vec<SettleParams>, now: Ts) -> Result<Vec<Result<Changed>>> {
@@ -258,6 +278,9 @@ impl Writer {
 
     fn settle(&self, item: SettleParams, now: Ts) -> Result<Changed> {
         let mut req = self.load(&RequestRef::any(item.id))?;
+        if item.queue.as_ref().is_some_and(|q| *q != req.queue) {
+            return Err(StoreError::NotFound);
+        }
         let events = match item.settlement {
             Settlement::Complete { output } => {
                 rules::complete(&mut req, &item.lease_token, output, now)?
@@ -280,8 +303,10 @@ impl Writer {
         self.after_transition(req, events, now)
     }
 
-    /// Saves a transitioned request; if it just dead-lettered with a fallback
-    /// queue, also submits the fallback, in the same transaction.
+    /// Saves a transitioned request — and, in the same transaction, the
+    /// fallback request if it just dead-lettered with a fallback queue, and
+    /// its reply if it just became terminal with a return address. So a
+    /// crash can never lose a reply, nor send one for an unrecorded outcome.
     fn after_transition(
         &self,
         mut req: Request,
@@ -299,34 +324,223 @@ impl Writer {
                 spawned = Some(fb);
             }
         }
+        let reply = rules::reply(&mut req, &mut events, now);
         self.save(&mut req, &mut events)?;
+        if let Some(r) = &reply {
+            self.write_reply(&req, r, now)?;
+        }
         Ok(Changed {
             request: req,
             spawned,
+            reply: reply.map(|r| r.to),
         })
+    }
+
+    fn write_reply(&self, req: &Request, reply: &rules::Reply, now: Ts) -> Result<()> {
+        let body = serde_json::to_string(&reply.message)
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let m = &reply.message;
+        let at = to_micros(now);
+        match &reply.to {
+            ReplyTo::Channel(channel) => {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(sql::INSERT_CHANNEL_MESSAGE)
+                    .map_err(sql::classify)?;
+                stmt.execute(rusqlite::params![
+                    req.tenant,
+                    channel,
+                    m.message_id,
+                    m.request_id,
+                    body,
+                    at
+                ])
+                .map_err(sql::classify)?;
+            }
+            ReplyTo::Webhook(w) => {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(sql::INSERT_WEBHOOK)
+                    .map_err(sql::classify)?;
+                stmt.execute(rusqlite::params![
+                    m.message_id,
+                    m.request_id,
+                    w.url,
+                    body,
+                    at
+                ])
+                .map_err(sql::classify)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn channel_receive(&self, p: ChannelReceiveParams) -> Result<Vec<ChannelMessage>> {
+        let now = to_micros(p.now);
+        let hidden_until = to_micros(coatcheck_core::clock::add(p.now, p.visibility));
+        let rows: Vec<(i64, String, u32)> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(sql::SELECT_CHANNEL_VISIBLE)
+                .map_err(sql::classify)?;
+            let rows = stmt
+                .query_map(
+                    rusqlite::params![p.tenant, p.channel, now, p.max as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .map_err(sql::classify)?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(sql::classify)?
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        let mut stmt = self
+            .conn
+            .prepare_cached(sql::UPDATE_CHANNEL_DELIVERED)
+            .map_err(sql::classify)?;
+        for (seq, body, deliveries) in rows {
+            let ack_token = new_lease_token();
+            stmt.execute(rusqlite::params![seq, hidden_until, ack_token])
+                .map_err(sql::classify)?;
+            let message =
+                serde_json::from_str(&body).map_err(|e| StoreError::Internal(e.to_string()))?;
+            out.push(ChannelMessage {
+                message,
+                ack_token,
+                delivery_count: deliveries + 1,
+            });
+        }
+        Ok(out)
+    }
+
+    fn channel_ack(
+        &self,
+        tenant: String,
+        channel: String,
+        tokens: Vec<String>,
+        now: Ts,
+    ) -> Result<Vec<bool>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(sql::DELETE_CHANNEL_ACKED)
+            .map_err(sql::classify)?;
+        tokens
+            .iter()
+            .map(|t| {
+                stmt.execute(rusqlite::params![tenant, channel, t, to_micros(now)])
+                    .map(|n| n > 0)
+                    .map_err(sql::classify)
+            })
+            .collect()
+    }
+
+    fn channel_purge(&self, before: Ts, limit: u32) -> Result<u64> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(sql::DELETE_CHANNEL_BEFORE)
+            .map_err(sql::classify)?;
+        let n = stmt
+            .execute(rusqlite::params![to_micros(before), limit as i64])
+            .map_err(sql::classify)?;
+        Ok(n as u64)
+    }
+
+    fn webhook_claim(
+        &self,
+        now: Ts,
+        limit: u32,
+        lease: std::time::Duration,
+    ) -> Result<Vec<WebhookDelivery>> {
+        let rows: Vec<WebhookDelivery> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(sql::SELECT_WEBHOOKS_DUE)
+                .map_err(sql::classify)?;
+            let rows = stmt
+                .query_map(rusqlite::params![to_micros(now), limit as i64], |r| {
+                    Ok(WebhookDelivery {
+                        message_id: r.get(0)?,
+                        request_id: r.get(1)?,
+                        url: r.get(2)?,
+                        body: r.get(3)?,
+                        attempt: r.get::<_, u32>(4)? + 1,
+                        created_at: coatcheck_core::clock::from_micros(r.get(5)?),
+                    })
+                })
+                .map_err(sql::classify)?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(sql::classify)?
+        };
+        let until = to_micros(coatcheck_core::clock::add(now, lease));
+        let mut stmt = self
+            .conn
+            .prepare_cached(sql::LEASE_WEBHOOK)
+            .map_err(sql::classify)?;
+        for d in &rows {
+            stmt.execute(rusqlite::params![d.message_id, until])
+                .map_err(sql::classify)?;
+        }
+        Ok(rows)
+    }
+
+    fn webhook_record(&self, o: WebhookOutcome) -> Result<()> {
+        let state = if o.delivered {
+            "delivered"
+        } else if o.next_attempt_at.is_some() {
+            "pending"
+        } else {
+            "failed"
+        };
+        let n = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(sql::RECORD_WEBHOOK)
+                .map_err(sql::classify)?;
+            stmt.execute(rusqlite::params![
+                o.message_id,
+                o.attempt,
+                state,
+                o.next_attempt_at.map(to_micros)
+            ])
+            .map_err(sql::classify)?
+        };
+        if n == 0 {
+            return Ok(()); // already settled (e.g. by a slower duplicate attempt)
+        }
+        let request_id: String = self
+            .conn
+            .prepare_cached(sql::SELECT_WEBHOOK_REQUEST)
+            .and_then(|mut s| s.query_row([&o.message_id], |r| r.get(0)))
+            .map_err(sql::classify)?;
+        let mut req = self.load(&RequestRef::any(request_id))?;
+        let kind = if o.delivered {
+            EventKind::ReplyDelivered {
+                target: "webhook".into(),
+                attempt: o.attempt,
+                http_status: o.http_status,
+            }
+        } else {
+            EventKind::ReplyDeliveryFailed {
+                target: "webhook".into(),
+                attempt: o.attempt,
+                http_status: o.http_status,
+                message: o.message,
+                next_attempt_at: o.next_attempt_at,
+            }
+        };
+        let mut events = rules::record(&mut req, kind, o.now);
+        self.save(&mut req, &mut events)
     }
 
     fn cancel(&self, r: RequestRef, now: Ts) -> Result<(CancelOutcome, Changed)> {
         let mut req = self.load(&r)?;
-        let (outcome, mut events) = rules::cancel(&mut req, now)?;
-        self.save(&mut req, &mut events)?;
-        Ok((
-            outcome,
-            Changed {
-                request: req,
-                spawned: None,
-            },
-        ))
+        let (outcome, events) = rules::cancel(&mut req, now)?;
+        Ok((outcome, self.after_transition(req, events, now)?))
     }
 
     fn redrive(&self, r: RequestRef, now: Ts) -> Result<Changed> {
         let mut req = self.load(&r)?;
-        let mut events = rules::redrive(&mut req, now)?;
-        self.save(&mut req, &mut events)?;
-        Ok(Changed {
-            request: req,
-            spawned: None,
-        })
+        let events = rules::redrive(&mut req, now)?;
+        self.after_transition(req, events, now)
     }
 
     fn expire_leases(&self, now: Ts, limit: u32) -> Result<Vec<Changed>> {
@@ -354,12 +568,8 @@ impl Writer {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let mut req = self.load(&RequestRef::any(id))?;
-            if let Ok(mut events) = rules::expire_deadline(&mut req, now) {
-                self.save(&mut req, &mut events)?;
-                out.push(Changed {
-                    request: req,
-                    spawned: None,
-                });
+            if let Ok(events) = rules::expire_deadline(&mut req, now) {
+                out.push(self.after_transition(req, events, now)?);
             }
         }
         Ok(out)

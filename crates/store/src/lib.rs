@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use coatcheck_core::rules::{CancelOutcome, NewRequest};
-use coatcheck_core::{ErrorInfo, HistoryEvent, Request, RetryPolicy, RuleError, Status, Ts};
+use coatcheck_core::{
+    ErrorInfo, HistoryEvent, ReplyTo, Request, RetryPolicy, RuleError, Status, Ts,
+};
 use serde_json::value::RawValue;
 
 #[cfg(feature = "conformance")]
@@ -175,6 +177,9 @@ pub enum Settlement {
 pub struct SettleParams {
     /// The request.
     pub id: String,
+    /// If set, the request must be in this queue, else [`StoreError::NotFound`]
+    /// (the batch settlements route is per queue).
+    pub queue: Option<String>,
     /// The fencing token.
     pub lease_token: String,
     /// Complete or fail.
@@ -188,6 +193,72 @@ pub struct Changed {
     pub request: Request,
     /// A fallback request submitted because this one dead-lettered.
     pub spawned: Option<Request>,
+    /// The reply the change produced, in the same transaction: appended to
+    /// a channel, or queued for webhook delivery.
+    pub reply: Option<ReplyTo>,
+}
+
+impl Changed {
+    /// A change of one request, nothing spawned, no reply.
+    pub fn new(request: Request) -> Self {
+        Changed {
+            request,
+            spawned: None,
+            reply: None,
+        }
+    }
+}
+
+/// `channel_receive` params.
+#[derive(Debug, Clone)]
+pub struct ChannelReceiveParams {
+    /// The tenant owning the channel.
+    pub tenant: String,
+    /// The channel.
+    pub channel: String,
+    /// At most this many messages.
+    pub max: u32,
+    /// Each received message is hidden this long, then delivered again
+    /// unless acknowledged.
+    pub visibility: Duration,
+    /// Now.
+    pub now: Ts,
+}
+
+/// A webhook delivery due for an attempt.
+#[derive(Debug, Clone)]
+pub struct WebhookDelivery {
+    /// The reply message id (the `webhook-id`).
+    pub message_id: String,
+    /// The request it answers.
+    pub request_id: String,
+    /// Where to POST.
+    pub url: String,
+    /// The JSON body to POST (the reply message), as stored.
+    pub body: String,
+    /// The attempt about to be made (1-based).
+    pub attempt: u32,
+    /// When the delivery was created (its first attempt's due time).
+    pub created_at: Ts,
+}
+
+/// The outcome of one webhook attempt.
+#[derive(Debug, Clone)]
+pub struct WebhookOutcome {
+    /// The reply message id.
+    pub message_id: String,
+    /// The attempt made.
+    pub attempt: u32,
+    /// The receiver answered 2xx.
+    pub delivered: bool,
+    /// The HTTP status, if the receiver answered.
+    pub http_status: Option<u16>,
+    /// What went wrong (empty when delivered).
+    pub message: String,
+    /// When to try again; `None` gives up (schedule exhausted, 410 Gone).
+    pub next_attempt_at: Option<Ts>,
+    /// Now.
+    pub now: Ts,
 }
 
 /// `request_list` params. Newest first (by id, which sorts by creation).
@@ -218,6 +289,11 @@ pub struct DueTimes {
     pub deadline: Option<Ts>,
     /// The earliest `run_after` of a queued request still in the future.
     pub run_after: Option<Ts>,
+    /// The earliest time a received, unacknowledged channel message becomes
+    /// visible again (in the future).
+    pub channel_visible: Option<Ts>,
+    /// The earliest due webhook attempt (overdue included).
+    pub webhook: Option<Ts>,
 }
 
 /// Counts for one queue.
@@ -285,6 +361,29 @@ pub trait Store: Send + Sync + 'static {
     /// Counts by queue and status.
     async fn queue_stats(&self, now: Ts) -> Result<Vec<QueueCounts>>;
 
+    /// Acknowledges received channel messages: each token whose message is
+    /// still hidden under it at `now` removes the message for good (`true`);
+    /// a token whose visibility ran out is stale (`false`): the message
+    /// stays and is (or will be) delivered again.
+    async fn channel_ack(
+        &self,
+        tenant: String,
+        channel: String,
+        tokens: Vec<String>,
+        now: Ts,
+    ) -> Result<Vec<bool>>;
+
+    /// Deletes channel messages created before `before` (retention of
+    /// unacknowledged replies), at most `limit`; answers how many.
+    async fn channel_purge(&self, before: Ts, limit: u32) -> Result<u64>;
+
+    /// Receives up to `max` visible messages of a channel, oldest first,
+    /// hiding each for `visibility` under a fresh ack token.
+    async fn channel_receive(
+        &self,
+        p: ChannelReceiveParams,
+    ) -> Result<Vec<coatcheck_core::wire::ChannelMessage>>;
+
     /// Cancel: queued → cancelled; running → cancel requested.
     async fn request_cancel(&self, r: RequestRef, now: Ts) -> Result<(CancelOutcome, Changed)>;
 
@@ -312,6 +411,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a new request durably (or finds it by idempotency key).
     async fn request_submit(&self, p: SubmitParams) -> Result<Submitted>;
+
+    /// Takes up to `limit` webhook deliveries due at `now`, leasing each for
+    /// `lease` (so no other node attempts it meanwhile; if this node dies the
+    /// attempt is made again after the lease).
+    async fn webhook_claim_due(
+        &self,
+        now: Ts,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<WebhookDelivery>>;
+
+    /// Records a webhook attempt: the delivery's new state, and a
+    /// `reply_delivered` / `reply_delivery_failed` event in the request's history.
+    async fn webhook_record(&self, o: WebhookOutcome) -> Result<()>;
 
     /// Stops accepting work, finishes what is pending, releases resources.
     async fn store_close(&self);

@@ -62,12 +62,27 @@ impl TestServer {
         let mut config = Config::embedded(dir.path().join("data"));
         config.shutdown_grace = Duration::from_secs(5);
         configure(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let shutdown = CancellationToken::new();
-        let server = Server::start(config, listener, shutdown.clone()).await.expect("server starts");
+        let server = Server::start(config, listener, shutdown.clone())
+            .await
+            .expect("server starts");
         let base = format!("http://{}", server.addr());
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(90)).build().expect("http client");
-        TestServer { server: Some(server), shutdown, clock, dir, configure, http, base }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(90))
+            .build()
+            .expect("http client");
+        TestServer {
+            server: Some(server),
+            shutdown,
+            clock,
+            dir,
+            configure,
+            http,
+            base,
+        }
     }
 
     /// Stops the server gracefully and starts it again on the same data.
@@ -118,14 +133,22 @@ impl TestServer {
 
     /// Moves the manual clock forward and lets the server's timers see it.
     pub fn advance(&self, by: Duration) {
-        let clock = self.clock.as_ref().expect("advance needs TestServer::with_manual_clock");
+        let clock = self
+            .clock
+            .as_ref()
+            .expect("advance needs TestServer::with_manual_clock");
         clock.advance(by);
         self.server().engine().clock_moved();
     }
 
     /// POSTs JSON and returns the response.
     pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http.post(self.url(path)).json(&body).send().await.expect("POST")
+        self.http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST")
     }
 
     /// GETs and returns the response.
@@ -135,7 +158,9 @@ impl TestServer {
 
     /// Submits `input` to `queue` and returns the Request JSON (asserting 202).
     pub async fn submit(&self, queue: &str, body: Value) -> Value {
-        let resp = self.post(&format!("/v1/queues/{queue}/requests"), body).await;
+        let resp = self
+            .post(&format!("/v1/queues/{queue}/requests"), body)
+            .await;
         assert_eq!(resp.status(), 202, "submit");
         resp.json().await.expect("request JSON")
     }
@@ -143,7 +168,10 @@ impl TestServer {
     /// Claims up to `max` from `queue` without waiting; returns the claimed items.
     pub async fn claim(&self, queue: &str, max: u32) -> Vec<Value> {
         let resp = self
-            .post(&format!("/v1/queues/{queue}/claims"), serde_json::json!({"worker_id": "test-worker", "max": max}))
+            .post(
+                &format!("/v1/queues/{queue}/claims"),
+                serde_json::json!({"worker_id": "test-worker", "max": max}),
+            )
             .await;
         assert_eq!(resp.status(), 200, "claim");
         let v: Value = resp.json().await.expect("claim JSON");
@@ -161,12 +189,28 @@ impl Drop for TestServer {
 /// ends with `/problems/{slug}`; returns it.
 pub async fn assert_problem(resp: reqwest::Response, status: u16, slug: &str) -> Problem {
     assert_eq!(resp.status().as_u16(), status, "status of {}", resp.url());
-    let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    assert!(ct.starts_with("application/problem+json"), "content-type {ct:?}");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        ct.starts_with("application/problem+json"),
+        "content-type {ct:?}"
+    );
     let text = resp.text().await.expect("body");
-    let p: Problem = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not a problem document ({e}): {text}"));
+    let p: Problem = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("not a problem document ({e}): {text}"));
     assert_eq!(p.status, status, "problem status");
-    assert!(p.type_.ends_with(&format!("/problems/{slug}")), "problem type {} (want {slug}): {text}", p.type_);
-    assert!(!p.title.is_empty() && !p.detail.is_empty(), "title and detail: {text}");
+    assert!(
+        p.type_.ends_with(&format!("/problems/{slug}")),
+        "problem type {} (want {slug}): {text}",
+        p.type_
+    );
+    assert!(
+        !p.title.is_empty() && !p.detail.is_empty(),
+        "title and detail: {text}"
+    );
     p
 }

@@ -31,7 +31,10 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
             if a.conn.json {
                 output::request(&client.get(&a.id).await?, true);
             } else {
-                println!("cancel requested for {} (it is running; the worker will stop it)", a.id);
+                println!(
+                    "cancel requested for {} (it is running; the worker will stop it)",
+                    a.id
+                );
             }
         }
     }

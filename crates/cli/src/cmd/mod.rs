@@ -18,7 +18,11 @@ use crate::exit;
 #[derive(Debug, Clone, ClapArgs)]
 pub struct Conn {
     /// The server's base URL.
-    #[arg(long = "server", env = "COATCHECK_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long = "server",
+        env = "COATCHECK_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// An API key (sent as `Authorization: Bearer`).
     #[arg(long = "api-key", env = "COATCHECK_API_KEY", hide_env_values = true)]
@@ -46,7 +50,10 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<i32>>,
 {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -35,7 +35,10 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         for s in Status::ALL {
             print!(" {:>9}", info.counts.get(&s).copied().unwrap_or(0));
         }
-        let oldest = info.oldest_queued_age.map(|a| format!("{a:.1}s")).unwrap_or_else(|| "-".into());
+        let oldest = info
+            .oldest_queued_age
+            .map(|a| format!("{a:.1}s"))
+            .unwrap_or_else(|| "-".into());
         println!(" {:>12} {:>9.2}", oldest, info.claim_rate);
     }
     Ok(exit::OK)

@@ -34,6 +34,21 @@ pub struct Args {
     /// The cap on long-poll waits, in seconds (at least 60).
     #[arg(long, env = "COATCHECK_MAX_WAIT", default_value_t = 60.0)]
     pub max_wait: f64,
+    /// The Standard Webhooks secret (`whsec_…`) that signs webhook replies;
+    /// several (comma-separated, or the flag repeated) sign with each, for rotation.
+    #[arg(
+        long,
+        env = "COATCHECK_WEBHOOK_SECRET",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub webhook_secret: Vec<String>,
+    /// Allow webhook targets on private, loopback and link-local addresses (development).
+    #[arg(long, env = "COATCHECK_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
+    /// Seconds an unacknowledged reply-channel message is kept.
+    #[arg(long, env = "COATCHECK_CHANNEL_RETENTION", default_value_t = 7.0 * 24.0 * 3600.0)]
+    pub channel_retention: f64,
     /// Serve on a non-loopback address without API keys (anyone who can
     /// reach the port may do anything). For trusted networks only.
     #[arg(long, env = "COATCHECK_INSECURE_NO_AUTH")]
@@ -41,10 +56,12 @@ pub struct Args {
 }
 
 fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
-    let addr: SocketAddr = a
-        .listen
-        .parse()
-        .with_context(|| format!("--listen {:?} is not an address like 127.0.0.1:8080", a.listen))?;
+    let addr: SocketAddr = a.listen.parse().with_context(|| {
+        format!(
+            "--listen {:?} is not an address like 127.0.0.1:8080",
+            a.listen
+        )
+    })?;
     if !addr.ip().is_loopback() && !a.insecure_no_auth {
         bail!(
             "refusing to listen on the non-loopback address {addr} without API keys; \
@@ -52,10 +69,16 @@ fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
         );
     }
     if !a.max_wait.is_finite() || a.max_wait < 60.0 || a.max_wait > 86_400.0 {
-        bail!("--max-wait must be between 60 and 86400 seconds (got {})", a.max_wait);
+        bail!(
+            "--max-wait must be between 60 and 86400 seconds (got {})",
+            a.max_wait
+        );
     }
     if a.max_body < 1024 || a.max_body > 256 * 1024 * 1024 {
-        bail!("--max-body must be between 1024 bytes and 256 MiB (got {})", a.max_body);
+        bail!(
+            "--max-body must be between 1024 bytes and 256 MiB (got {})",
+            a.max_body
+        );
     }
     let mut config = Config::embedded(a.data.clone());
     if let Some(url) = &a.store {
@@ -70,6 +93,18 @@ fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
             bail!("--public-url must start with http:// or https://");
         }
         config.public_url = Some(u.trim_end_matches('/').to_string());
+    }
+    for secret in a.webhook_secret.iter().filter(|s| !s.trim().is_empty()) {
+        let key = coatcheck_server::webhook::parse_secret(secret)
+            .map_err(|e| anyhow::anyhow!("--webhook-secret: {e}"))?;
+        config.webhook_secrets.push(key);
+    }
+    config.webhook_allow_private = a.webhook_allow_private;
+    config.channel_retention =
+        coatcheck_core::validate::duration("channel-retention", a.channel_retention)
+            .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    if config.channel_retention.is_zero() {
+        bail!("--channel-retention must be more than 0 seconds");
     }
     config.max_body = a.max_body;
     config.max_wait = Duration::from_secs_f64(a.max_wait);
@@ -91,7 +126,10 @@ pub fn main(a: Args) -> i32 {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -110,11 +148,16 @@ pub fn main(a: Args) -> i32 {
 async fn serve(a: Args) -> anyhow::Result<()> {
     let (addr, config) = config(&a)?;
     let what = describe(&config.store);
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
     let shutdown = CancellationToken::new();
     let server = Server::start(config, listener, shutdown.clone()).await?;
     // The one line that says it is ready (tests and scripts wait for it).
-    println!("coatcheck ready: listening on http://{} ({what})", server.addr());
+    println!(
+        "coatcheck ready: listening on http://{} ({what})",
+        server.addr()
+    );
     tracing::info!(addr = %server.addr(), "coatcheck ready");
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -32,8 +32,17 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
                 let detail = serde_json::to_value(&e.kind).unwrap_or_default();
                 let mut detail = detail.as_object().cloned().unwrap_or_default();
                 detail.remove("kind");
-                let extra = if detail.is_empty() { String::new() } else { serde_json::Value::Object(detail).to_string() };
-                println!("  {:>3} {} {:<22} {extra}", e.seq, e.at.to_rfc3339(), e.kind.name());
+                let extra = if detail.is_empty() {
+                    String::new()
+                } else {
+                    serde_json::Value::Object(detail).to_string()
+                };
+                println!(
+                    "  {:>3} {} {:<22} {extra}",
+                    e.seq,
+                    e.at.to_rfc3339(),
+                    e.kind.name()
+                );
             }
         }
     }

@@ -59,10 +59,14 @@ pub struct Args {
 fn read_input(a: &Args) -> anyhow::Result<Box<RawValue>> {
     let text = match (&a.input, &a.file) {
         (Some(s), _) if s != "-" => s.clone(),
-        (_, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+        (_, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+        }
         _ => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).context("cannot read standard input")?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("cannot read standard input")?;
             s
         }
     };
@@ -98,7 +102,9 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         b = b.max_attempts(m);
     }
     for kv in &a.metadata {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--metadata {kv:?} is not KEY=VALUE"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--metadata {kv:?} is not KEY=VALUE"))?;
         b = b.metadata(k, v);
     }
     if let Some(f) = &a.fallback_queue {
@@ -116,7 +122,10 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         }
         return Ok(exit::OK);
     }
-    let timeout = a.wait_timeout.map(|t| secs("wait-timeout", t)).transpose()?;
+    let timeout = a
+        .wait_timeout
+        .map(|t| secs("wait-timeout", t))
+        .transpose()?;
     let req = match client.wait(submitted.id(), timeout).await {
         Ok(r) => r,
         Err(coatcheck_client::Error::Timeout) => {

@@ -23,7 +23,9 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let client = a.conn.client()?;
     let timeout = a
         .timeout
-        .map(|t| coatcheck_core::validate::duration("timeout", t).map_err(|e| anyhow::anyhow!("--{e}")))
+        .map(|t| {
+            coatcheck_core::validate::duration("timeout", t).map_err(|e| anyhow::anyhow!("--{e}"))
+        })
         .transpose()?;
     match client.wait(&a.id, timeout).await {
         Ok(req) => {

@@ -14,7 +14,10 @@ async fn kill_9_while_submitting_loses_no_acknowledged_request() {
     let dir = tempfile::tempdir().unwrap();
     let server = Serve::start(dir.path(), &[]);
     let url = server.url.clone();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     // key -> id, for every submit that got its 202.
     let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let mut clients = Vec::new();
@@ -35,7 +38,10 @@ async fn kill_9_while_submitting_loses_no_acknowledged_request() {
                             Ok(v) => v,
                             Err(_) => return,
                         };
-                        acked.lock().unwrap().insert(key, v["id"].as_str().unwrap().to_string());
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert(key, v["id"].as_str().unwrap().to_string());
                     }
                     _ => return, // the server is gone
                 }
@@ -52,12 +58,20 @@ async fn kill_9_while_submitting_loses_no_acknowledged_request() {
         let _ = c.await;
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 400, "only {} submits were acknowledged", acked.len());
+    assert!(
+        acked.len() >= 400,
+        "only {} submits were acknowledged",
+        acked.len()
+    );
 
     let server = Serve::start(dir.path(), &[]);
     let url = server.url.clone();
     for id in acked.values() {
-        let resp = http.get(format!("{url}/v1/requests/{id}")).send().await.unwrap();
+        let resp = http
+            .get(format!("{url}/v1/requests/{id}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200, "acknowledged request {id} lost");
     }
     // Idempotency keys survived the crash: the same key and body replay.
@@ -88,7 +102,16 @@ fn parse_key(key: &str) -> (i64, i64) {
 fn a_second_server_on_the_same_data_directory_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let _first = Serve::start(dir.path(), &[]);
-    let out = crate::proc::run(&["serve", "--listen", "127.0.0.1:0", "--data", dir.path().to_str().unwrap()], None);
+    let out = crate::proc::run(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            dir.path().to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another coatcheck process"), "{err}");
@@ -99,10 +122,38 @@ fn bad_flags_refuse_to_start_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     for (args, needle) in [
-        (vec!["serve", "--listen", "nonsense", "--data", d], "--listen"),
-        (vec!["serve", "--listen", "0.0.0.0:0", "--data", d], "non-loopback"),
-        (vec!["serve", "--listen", "127.0.0.1:0", "--data", d, "--max-wait", "5"], "--max-wait"),
-        (vec!["serve", "--listen", "127.0.0.1:0", "--data", d, "--store", "mysql://x"], "--store"),
+        (
+            vec!["serve", "--listen", "nonsense", "--data", d],
+            "--listen",
+        ),
+        (
+            vec!["serve", "--listen", "0.0.0.0:0", "--data", d],
+            "non-loopback",
+        ),
+        (
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                d,
+                "--max-wait",
+                "5",
+            ],
+            "--max-wait",
+        ),
+        (
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                d,
+                "--store",
+                "mysql://x",
+            ],
+            "--store",
+        ),
     ] {
         let out = crate::proc::run(&args, None);
         assert!(!out.status.success(), "{args:?} should fail");

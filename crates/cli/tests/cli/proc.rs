@@ -32,7 +32,9 @@ impl Serve {
                 let _ = tx.send(line);
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("the server prints a ready line");
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server prints a ready line");
         let url = line
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -50,7 +52,10 @@ impl Serve {
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
         self.child.wait().expect("exit status")
     }
 }

@@ -35,6 +35,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        Ok(Caller { tenant: DEFAULT_TENANT.to_string(), admin: true })
+        Ok(Caller {
+            tenant: DEFAULT_TENANT.to_string(),
+            admin: true,
+        })
     }
 }

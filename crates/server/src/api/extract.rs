@@ -18,15 +18,29 @@ pub struct JsonBody<T> {
 }
 
 fn is_json(ct: &str) -> bool {
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
 /// Parses JSON bytes into `T`, mapping every failure to a 400 problem.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
-        let kind = if e.is_data() { "a field has the wrong type or is missing" } else { "the body is not valid JSON" };
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid-json", "Invalid JSON body", format!("{kind}: {e}"))
+        let kind = if e.is_data() {
+            "a field has the wrong type or is missing"
+        } else {
+            "the body is not valid JSON"
+        };
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-json",
+            "Invalid JSON body",
+            format!("{kind}: {e}"),
+        )
     })
 }
 
@@ -34,7 +48,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if !is_json(ct) {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -45,7 +63,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         }
         let raw = Bytes::from_request(req, state).await.map_err(|rej| {
             if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large", "the body is larger than the server's limit (--max-body)")
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload-too-large",
+                    "Payload too large",
+                    "the body is larger than the server's limit (--max-body)",
+                )
             } else {
                 ApiError::bad_request(format!("the body could not be read: {rej}"))
             }
@@ -68,9 +91,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
 }
 
 fn serde_urlencoded_from_str<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
-    axum::extract::Query::<T>::try_from_uri(&format!("http://x/?{q}").parse().map_err(|_| ApiError::bad_request("the query string is malformed"))?)
-        .map(|axum::extract::Query(v)| v)
-        .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))
+    axum::extract::Query::<T>::try_from_uri(
+        &format!("http://x/?{q}")
+            .parse()
+            .map_err(|_| ApiError::bad_request("the query string is malformed"))?,
+    )
+    .map(|axum::extract::Query(v)| v)
+    .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))
 }
 
 /// One path segment (e.g. a request id or queue name), percent-decoded.

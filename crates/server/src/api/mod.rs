@@ -4,6 +4,8 @@
 //! wrong method, body too large, wrong content type) — is a problem document.
 
 pub mod auth;
+pub mod channels;
+pub mod events;
 pub mod extract;
 pub mod openapi;
 pub mod ops;
@@ -29,6 +31,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
         .merge(requests::router())
         .merge(worker::router())
+        .merge(events::router())
+        .merge(channels::router())
         .merge(ops::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -38,11 +42,21 @@ pub fn router(engine: Arc<Engine>) -> Router {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "route-not-found", "Not found", "there is no such route; see /openapi.json")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route-not-found",
+        "Not found",
+        "there is no such route; see /openapi.json",
+    )
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", "this route does not support this method; see the Allow header")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        "this route does not support this method; see the Allow header",
+    )
 }
 
 /// Records every call's latency by route and status, and turns a bare
@@ -50,17 +64,29 @@ async fn method_not_allowed() -> ApiError {
 async fn observe(State(engine): State<Arc<Engine>>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().to_string();
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
     let resp = next.run(req).await;
     let status = resp.status();
-    engine.metrics.http(&method, &route, status.as_u16(), start.elapsed());
+    engine
+        .metrics
+        .http(&method, &route, status.as_u16(), start.elapsed());
     let is_problem = resp
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
     if (status.is_client_error() || status.is_server_error()) && !is_problem {
         let allow = resp.headers().get(axum::http::header::ALLOW).cloned();
-        let mut fixed = ApiError::new(status, "http-error", "Request refused", status.canonical_reason().unwrap_or("error").to_string()).into_response();
+        let mut fixed = ApiError::new(
+            status,
+            "http-error",
+            "Request refused",
+            status.canonical_reason().unwrap_or("error").to_string(),
+        )
+        .into_response();
         if let Some(a) = allow {
             fixed.headers_mut().insert(axum::http::header::ALLOW, a);
         }

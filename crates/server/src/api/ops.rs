@@ -35,9 +35,20 @@ async fn queue_infos(engine: &Engine) -> Result<Vec<QueueInfo>, ApiError> {
         .map(|q| QueueInfo {
             counts: Status::ALL
                 .into_iter()
-                .map(|s| (s, q.counts.iter().find(|(st, _)| *st == s).map(|(_, n)| *n).unwrap_or(0)))
+                .map(|s| {
+                    (
+                        s,
+                        q.counts
+                            .iter()
+                            .find(|(st, _)| *st == s)
+                            .map(|(_, n)| *n)
+                            .unwrap_or(0),
+                    )
+                })
                 .collect(),
-            oldest_queued_age: q.oldest_ready.map(|t| ((now - t).num_milliseconds().max(0) as f64) / 1000.0),
+            oldest_queued_age: q
+                .oldest_ready
+                .map(|t| ((now - t).num_milliseconds().max(0) as f64) / 1000.0),
             claim_rate: engine.metrics.claim_rate(&q.queue, now),
             name: q.queue,
         })
@@ -47,8 +58,13 @@ async fn queue_infos(engine: &Engine) -> Result<Vec<QueueInfo>, ApiError> {
 /// Per queue: counts by status, oldest queued age, claim rate.
 #[utoipa::path(get, path = "/v1/queues", tag = "operations",
     responses((status = 200, body = QueuesResponse)))]
-pub async fn queues(State(engine): State<Arc<Engine>>, _caller: Caller) -> Result<Json<QueuesResponse>, ApiError> {
-    Ok(Json(QueuesResponse { queues: queue_infos(&engine).await? }))
+pub async fn queues(
+    State(engine): State<Arc<Engine>>,
+    _caller: Caller,
+) -> Result<Json<QueuesResponse>, ApiError> {
+    Ok(Json(QueuesResponse {
+        queues: queue_infos(&engine).await?,
+    }))
 }
 
 /// Liveness: the process is up.
@@ -60,17 +76,34 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Readiness: the store answers.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "The store answers"), (status = 503, body = coatcheck_core::wire::Problem)))]
-pub async fn readyz(State(engine): State<Arc<Engine>>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn readyz(
+    State(engine): State<Arc<Engine>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     if engine.shutdown.is_cancelled() {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", "the server is shutting down")
-            .header(header::RETRY_AFTER, "1"));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Service unavailable",
+            "the server is shutting down",
+        )
+        .header(header::RETRY_AFTER, "1"));
     }
     match tokio::time::timeout(std::time::Duration::from_secs(2), engine.store.store_ping()).await {
         Ok(Ok(())) => Ok(Json(serde_json::json!({"status": "ready"}))),
-        Ok(Err(e)) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", format!("the store is not reachable: {e}"))
-            .header(header::RETRY_AFTER, "1")),
-        Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", "the store did not answer within 2 s")
-            .header(header::RETRY_AFTER, "1")),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Service unavailable",
+            format!("the store is not reachable: {e}"),
+        )
+        .header(header::RETRY_AFTER, "1")),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Service unavailable",
+            "the store did not answer within 2 s",
+        )
+        .header(header::RETRY_AFTER, "1")),
     }
 }
 
@@ -79,18 +112,32 @@ pub async fn readyz(State(engine): State<Arc<Engine>>) -> Result<Json<serde_json
 pub async fn metrics(State(engine): State<Arc<Engine>>) -> Result<Response, ApiError> {
     let stats = engine.store.queue_stats(engine.now()).await?;
     let body = engine.metrics.render(&stats);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
 }
 
 /// This API as an OpenAPI 3.1 document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "This API as OpenAPI 3.1")))]
 pub async fn openapi() -> Response {
     let doc = super::openapi::ApiDoc::openapi();
-    ([(header::CONTENT_TYPE, "application/json")], doc.to_json().unwrap_or_default()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.to_json().unwrap_or_default(),
+    )
+        .into_response()
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// A plain HTML status page.
@@ -101,18 +148,26 @@ pub async fn index(State(engine): State<Arc<Engine>>) -> Result<Html<String>, Ap
     for q in &queues {
         rows.push_str(&format!("<tr><td>{}</td>", esc(&q.name)));
         for s in Status::ALL {
-            rows.push_str(&format!("<td>{}</td>", q.counts.get(&s).copied().unwrap_or(0)));
+            rows.push_str(&format!(
+                "<td>{}</td>",
+                q.counts.get(&s).copied().unwrap_or(0)
+            ));
         }
         rows.push_str(&format!(
             "<td>{}</td><td>{:.2}</td></tr>",
-            q.oldest_queued_age.map(|a| format!("{a:.1} s")).unwrap_or_else(|| "–".into()),
+            q.oldest_queued_age
+                .map(|a| format!("{a:.1} s"))
+                .unwrap_or_else(|| "–".into()),
             q.claim_rate
         ));
     }
     if queues.is_empty() {
         rows.push_str("<tr><td colspan=\"9\">No requests yet. Submit one: <code>curl -X POST -H 'content-type: application/json' -d '{\"input\":{}}' /v1/queues/demo/requests</code></td></tr>");
     }
-    let heads: String = Status::ALL.iter().map(|s| format!("<th>{s}</th>")).collect();
+    let heads: String = Status::ALL
+        .iter()
+        .map(|s| format!("<th>{s}</th>"))
+        .collect();
     Ok(Html(format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>coatcheck</title>\
 <style>body{{font-family:system-ui,sans-serif;margin:2rem;color:#222}}table{{border-collapse:collapse}}\

@@ -42,7 +42,10 @@ pub fn request_ref(caller: &Caller, id: String) -> Result<RequestRef, ApiError> 
     if !validate::request_id(&id) {
         return Err(ApiError::not_found("the request").with("id_malformed", true));
     }
-    Ok(RequestRef { id, tenant: caller.scope() })
+    Ok(RequestRef {
+        id,
+        tenant: caller.scope(),
+    })
 }
 
 fn location(id: &str) -> String {
@@ -60,36 +63,54 @@ fn with_headers(mut resp: Response, headers: &[(HeaderName, String)]) -> Respons
 
 /// Parses `Prefer: wait=N` (RFC 7240); preferences we do not understand are ignored.
 pub fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
-    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split([',', ';'])).find_map(|p| {
-        let (k, v) = p.trim().split_once('=')?;
-        if k.trim().eq_ignore_ascii_case("wait") {
-            v.trim().trim_matches('"').parse::<u64>().ok()
-        } else {
-            None
-        }
-    })
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .find_map(|p| {
+            let (k, v) = p.trim().split_once('=')?;
+            if k.trim().eq_ignore_ascii_case("wait") {
+                v.trim().trim_matches('"').parse::<u64>().ok()
+            } else {
+                None
+            }
+        })
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
-    let s = v.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
     let s = s.trim().trim_matches('"');
     if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| (0x21..0x7f).contains(&b)) {
-        return Err(ApiError::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
-            .with("field", "Idempotency-Key"));
+        return Err(ApiError::bad_request(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )
+        .with("field", "Idempotency-Key"));
     }
     Ok(Some(s.to_string()))
 }
 
 /// Checks a submit body and turns it into a new request.
-pub fn new_request(engine: &Engine, tenant: &str, queue: &str, body: SubmitBody) -> Result<NewRequest, Invalid> {
+pub fn new_request(
+    engine: &Engine,
+    tenant: &str,
+    queue: &str,
+    body: SubmitBody,
+) -> Result<NewRequest, Invalid> {
     validate::name("queue", queue)?;
     if let Some(c) = &body.correlation_id {
         validate::text("correlation_id", c, 256)?;
     }
     let delay = validate::opt_duration("delay", body.delay)?;
     let timeout = validate::opt_duration("timeout", body.timeout)?;
-    let max_attempts = body.max_attempts.unwrap_or(engine.config.default_max_attempts);
+    let max_attempts = body
+        .max_attempts
+        .unwrap_or(engine.config.default_max_attempts);
     if !(1..=1000).contains(&max_attempts) {
         return Err(Invalid::new("max_attempts", "must be between 1 and 1000"));
     }
@@ -98,7 +119,10 @@ pub fn new_request(engine: &Engine, tenant: &str, queue: &str, body: SubmitBody)
         Some(ReplyTo::Webhook(w)) => {
             let u = w.url.to_ascii_lowercase();
             if !(u.starts_with("https://") || u.starts_with("http://")) || w.url.len() > 2048 {
-                return Err(Invalid::new("reply_to.webhook.url", "must be an http(s) URL of at most 2048 bytes"));
+                return Err(Invalid::new(
+                    "reply_to.webhook.url",
+                    "must be an http(s) URL of at most 2048 bytes",
+                ));
             }
             validate::text("reply_to.webhook.url", &w.url, 2048)?;
         }
@@ -136,6 +160,24 @@ pub fn new_request(engine: &Engine, tenant: &str, queue: &str, body: SubmitBody)
     })
 }
 
+/// Refuses a webhook return address the server could not (or must not)
+/// deliver to: no signing secret configured, or a non-public target.
+async fn check_webhook(engine: &Engine, url: &str) -> Result<(), ApiError> {
+    if engine.config.webhook_secrets.is_empty() {
+        return Err(ApiError::bad_request(
+            "webhook replies need a signing secret: start the server with --webhook-secret",
+        )
+        .with("field", "reply_to.webhook.url"));
+    }
+    crate::webhook::resolve_target(url, engine.config.webhook_allow_private)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            ApiError::bad_request(format!("reply_to.webhook.url: {e}"))
+                .with("field", "reply_to.webhook.url")
+        })
+}
+
 /// A hash of what was submitted, independent of key order and whitespace.
 fn body_hash(queue: &str, raw: &[u8]) -> String {
     let canonical = serde_json::from_slice::<serde_json::Value>(raw)
@@ -167,8 +209,20 @@ pub async fn submit(
     let idem = idempotency_key(&headers)?;
     let wait = prefer_wait(&headers);
     let new = new_request(&engine, &caller.tenant, &queue, body.value)?;
-    let idempotency = idem.map(|key| Idempotency { key, body_hash: body_hash(&queue, &body.raw) });
-    let submitted = engine.submit(SubmitParams { new, idempotency, now: engine.now() }).await?;
+    if let Some(ReplyTo::Webhook(w)) = &new.reply_to {
+        check_webhook(&engine, &w.url).await?;
+    }
+    let idempotency = idem.map(|key| Idempotency {
+        key,
+        body_hash: body_hash(&queue, &body.raw),
+    });
+    let submitted = engine
+        .submit(SubmitParams {
+            new,
+            idempotency,
+            now: engine.now(),
+        })
+        .await?;
     let (mut req, replayed) = match submitted {
         Submitted::Created(r) => (r, false),
         Submitted::Replayed(r) => (r, true),
@@ -176,21 +230,35 @@ pub async fn submit(
     let mut applied = None;
     if let Some(n) = wait {
         let d = Duration::from_secs(n).min(engine.config.max_wait);
-        let r = RequestRef { id: req.id.clone(), tenant: Some(caller.tenant.clone()) };
+        let r = RequestRef {
+            id: req.id.clone(),
+            tenant: Some(caller.tenant.clone()),
+        };
         req = engine.wait_until(r, d, |r| r.status.is_terminal()).await?;
-        applied = Some(n);
+        // The wait actually honoured (clamped to the server's cap).
+        applied = Some(d.as_secs());
     }
     let loc = location(&req.id);
     let op = match &engine.config.public_url {
         Some(base) => format!("{}{loc}", base.trim_end_matches('/')),
         None => loc.clone(),
     };
-    let mut hs = vec![(header::LOCATION, loc), (HeaderName::from_static("operation-location"), op)];
-    if let Some(n) = applied {
-        hs.push((HeaderName::from_static("preference-applied"), format!("wait={n}")));
+    let mut hs = vec![
+        (header::LOCATION, loc),
+        (HeaderName::from_static("operation-location"), op),
+    ];
+    // Preference-Applied only on the 200 the preference produced.
+    if let Some(n) = applied.filter(|_| req.status.is_terminal() && !replayed) {
+        hs.push((
+            HeaderName::from_static("preference-applied"),
+            format!("wait={n}"),
+        ));
     }
     let code = if replayed {
-        hs.push((HeaderName::from_static("idempotent-replayed"), "true".into()));
+        hs.push((
+            HeaderName::from_static("idempotent-replayed"),
+            "true".into(),
+        ));
         StatusCode::OK
     } else if req.status.is_terminal() && applied.is_some() {
         StatusCode::OK
@@ -212,18 +280,23 @@ pub struct WaitQuery {
 
 /// Clamps a requested wait to the server's cap; negative or non-numbers are 400.
 pub fn wait_duration(engine: &Engine, wait: Option<f64>) -> Result<Duration, ApiError> {
-    let Some(w) = wait else { return Ok(Duration::ZERO) };
+    let Some(w) = wait else {
+        return Ok(Duration::ZERO);
+    };
     if !w.is_finite() || w < 0.0 {
         return Err(Invalid::new("wait", "must be a non-negative number of seconds").into());
     }
-    Ok(Duration::from_secs_f64(w.min(engine.config.max_wait.as_secs_f64())))
+    Ok(Duration::from_secs_f64(
+        w.min(engine.config.max_wait.as_secs_f64()),
+    ))
 }
 
 fn request_response(req: Request) -> Response {
     let terminal = req.status.is_terminal();
     let mut resp = Json(req).into_response();
     if !terminal {
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER));
     }
     resp
 }
@@ -240,7 +313,9 @@ pub async fn status(
 ) -> Result<Response, ApiError> {
     let r = request_ref(&caller, id)?;
     let wait = wait_duration(&engine, q.wait)?;
-    let req = engine.wait_until(r, wait, |r| r.status.is_terminal()).await?;
+    let req = engine
+        .wait_until(r, wait, |r| r.status.is_terminal())
+        .await?;
     Ok(request_response(req))
 }
 
@@ -248,17 +323,27 @@ pub async fn status(
 #[utoipa::path(get, path = "/v1/requests/{id}/result", tag = "client", params(("id" = String, Path)),
     responses((status = 200, description = "The output JSON as is"), (status = 202, description = "Not finished yet"),
         (status = 409, description = "Failed, cancelled or expired", body = coatcheck_core::wire::Problem)))]
-pub async fn result(State(engine): State<Arc<Engine>>, caller: Caller, Segment(id): Segment) -> Result<Response, ApiError> {
+pub async fn result(
+    State(engine): State<Arc<Engine>>,
+    caller: Caller,
+    Segment(id): Segment,
+) -> Result<Response, ApiError> {
     let r = request_ref(&caller, id)?;
     let req = engine.get(r).await?;
     match req.status {
         Status::Succeeded => {
-            let body = req.output.map(|o| o.get().to_string()).unwrap_or_else(|| "null".into());
+            let body = req
+                .output
+                .map(|o| o.get().to_string())
+                .unwrap_or_else(|| "null".into());
             Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
         }
         Status::Queued | Status::Running => Ok(with_headers(
             (StatusCode::ACCEPTED, Json(&req)).into_response(),
-            &[(header::RETRY_AFTER, POLL_AFTER.into()), (header::LOCATION, location(&req.id))],
+            &[
+                (header::RETRY_AFTER, POLL_AFTER.into()),
+                (header::LOCATION, location(&req.id)),
+            ],
         )),
         status => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -267,23 +352,36 @@ pub async fn result(State(engine): State<Arc<Engine>>, caller: Caller, Segment(i
             format!("the request is {status}; it has no output"),
         )
         .with("request_status", status.as_str())
-        .with("error", serde_json::to_value(&req.error).unwrap_or_default())),
+        .with(
+            "error",
+            serde_json::to_value(&req.error).unwrap_or_default(),
+        )),
     }
 }
 
 /// The request's timeline, oldest first.
 #[utoipa::path(get, path = "/v1/requests/{id}/history", tag = "client", params(("id" = String, Path)),
     responses((status = 200, body = HistoryResponse), (status = 404, body = coatcheck_core::wire::Problem)))]
-pub async fn history(State(engine): State<Arc<Engine>>, caller: Caller, Segment(id): Segment) -> Result<Json<HistoryResponse>, ApiError> {
+pub async fn history(
+    State(engine): State<Arc<Engine>>,
+    caller: Caller,
+    Segment(id): Segment,
+) -> Result<Json<HistoryResponse>, ApiError> {
     let r = request_ref(&caller, id)?;
-    Ok(Json(HistoryResponse { events: engine.history(r, 0).await? }))
+    Ok(Json(HistoryResponse {
+        events: engine.history(r, 0).await?,
+    }))
 }
 
 /// Cancel: queued → cancelled (200); running → cancel requested (202); terminal → 409.
 #[utoipa::path(delete, path = "/v1/requests/{id}", tag = "client", params(("id" = String, Path)),
     responses((status = 200, description = "Cancelled", body = Request), (status = 202, description = "Cancel requested of a running request", body = Request),
         (status = 409, body = coatcheck_core::wire::Problem)))]
-pub async fn cancel(State(engine): State<Arc<Engine>>, caller: Caller, Segment(id): Segment) -> Result<Response, ApiError> {
+pub async fn cancel(
+    State(engine): State<Arc<Engine>>,
+    caller: Caller,
+    Segment(id): Segment,
+) -> Result<Response, ApiError> {
     let r = request_ref(&caller, id)?;
     let (outcome, req) = engine.cancel(r).await?;
     let code = match outcome {
@@ -315,8 +413,13 @@ fn encode_page_token(id: &str) -> String {
 }
 
 fn decode_page_token(t: &str) -> Result<String, ApiError> {
-    let bad = || ApiError::bad_request("page_token is not a token this server issued").with("field", "page_token");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t).map_err(|_| bad())?;
+    let bad = || {
+        ApiError::bad_request("page_token is not a token this server issued")
+            .with("field", "page_token")
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(t)
+        .map_err(|_| bad())?;
     let s = String::from_utf8(bytes).map_err(|_| bad())?;
     let id = s.strip_prefix(PAGE_PREFIX).ok_or_else(bad)?;
     if !validate::request_id(id) {
@@ -330,7 +433,11 @@ fn decode_page_token(t: &str) -> Result<String, ApiError> {
     params(("queue" = Option<String>, Query), ("status" = Option<String>, Query), ("correlation_id" = Option<String>, Query),
         ("limit" = Option<u32>, Query, description = "1..1000, default 50"), ("page_token" = Option<String>, Query)),
     responses((status = 200, body = ListResponse), (status = 400, body = coatcheck_core::wire::Problem)))]
-pub async fn list(State(engine): State<Arc<Engine>>, caller: Caller, QueryParams(q): QueryParams<ListQuery>) -> Result<Json<ListResponse>, ApiError> {
+pub async fn list(
+    State(engine): State<Arc<Engine>>,
+    caller: Caller,
+    QueryParams(q): QueryParams<ListQuery>,
+) -> Result<Json<ListResponse>, ApiError> {
     let limit = q.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(Invalid::new("limit", "must be between 1 and 1000").into());
@@ -339,10 +446,20 @@ pub async fn list(State(engine): State<Arc<Engine>>, caller: Caller, QueryParams
         validate::name("queue", queue)?;
     }
     let status = match &q.status {
-        Some(s) => Some(Status::parse(s).ok_or_else(|| Invalid::new("status", "must be one of queued, running, succeeded, failed, cancelled, expired"))?),
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            Invalid::new(
+                "status",
+                "must be one of queued, running, succeeded, failed, cancelled, expired",
+            )
+        })?),
         None => None,
     };
-    let before_id = q.page_token.as_deref().filter(|t| !t.is_empty()).map(decode_page_token).transpose()?;
+    let before_id = q
+        .page_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .map(decode_page_token)
+        .transpose()?;
     let mut requests = engine
         .list(ListParams {
             tenant: caller.scope(),
@@ -359,13 +476,20 @@ pub async fn list(State(engine): State<Arc<Engine>>, caller: Caller, QueryParams
     } else {
         None
     };
-    Ok(Json(ListResponse { requests, next_page_token }))
+    Ok(Json(ListResponse {
+        requests,
+        next_page_token,
+    }))
 }
 
 /// Redrive a failed, cancelled or expired request (dead-letter re-drive).
 #[utoipa::path(post, path = "/v1/requests/{id}/redrive", tag = "operations", params(("id" = String, Path)),
     responses((status = 200, body = Request), (status = 409, body = coatcheck_core::wire::Problem)))]
-pub async fn redrive(State(engine): State<Arc<Engine>>, caller: Caller, Segment(id): Segment) -> Result<Json<Request>, ApiError> {
+pub async fn redrive(
+    State(engine): State<Arc<Engine>>,
+    caller: Caller,
+    Segment(id): Segment,
+) -> Result<Json<Request>, ApiError> {
     let r = request_ref(&caller, id)?;
     Ok(Json(engine.redrive(r).await?))
 }

@@ -10,8 +10,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use coatcheck_core::validate::{self, Invalid};
 use coatcheck_core::wire::{
-    ClaimBody, ClaimResponse, ClaimedRequest, CompleteBody, FailBody, HeartbeatBody, HeartbeatResponse,
-    SettlementResult, SettlementsBody, SettlementsResponse,
+    ClaimBody, ClaimResponse, ClaimedRequest, CompleteBody, FailBody, HeartbeatBody,
+    HeartbeatResponse, SettlementResult, SettlementsBody, SettlementsResponse,
 };
 use coatcheck_core::{ErrorInfo, Request};
 use coatcheck_store::{HeartbeatParams, SettleParams, Settlement};
@@ -34,7 +34,10 @@ pub fn router() -> Router<Arc<Engine>> {
 
 fn lease_token(t: &str) -> Result<(), Invalid> {
     if t.is_empty() || t.len() > 128 {
-        return Err(Invalid::new("lease_token", "must be a lease token from a claim"));
+        return Err(Invalid::new(
+            "lease_token",
+            "must be a lease token from a claim",
+        ));
     }
     Ok(())
 }
@@ -50,10 +53,18 @@ fn error_info(e: &ErrorInfo) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn fail_settlement(error: ErrorInfo, retryable: Option<bool>, retry_after: Option<f64>) -> Result<Settlement, ApiError> {
+fn fail_settlement(
+    error: ErrorInfo,
+    retryable: Option<bool>,
+    retry_after: Option<f64>,
+) -> Result<Settlement, ApiError> {
     error_info(&error)?;
     let retry_after = validate::opt_duration("retry_after", retry_after)?;
-    Ok(Settlement::Fail { error, retryable: retryable.unwrap_or(true), retry_after })
+    Ok(Settlement::Fail {
+        error,
+        retryable: retryable.unwrap_or(true),
+        retry_after,
+    })
 }
 
 /// Claim up to `max` ready requests, long-polling up to `wait` seconds.
@@ -77,13 +88,18 @@ pub async fn claim(
         return Err(Invalid::new("max", "must be between 1 and 100").into());
     }
     let lease = match validate::opt_duration("lease", b.lease)? {
-        Some(d) if d < Duration::from_millis(1) => return Err(Invalid::new("lease", "must be more than 0 seconds").into()),
+        Some(d) if d < Duration::from_millis(1) => {
+            return Err(Invalid::new("lease", "must be more than 0 seconds").into())
+        }
         Some(d) => d,
         None => engine.config.default_lease,
     };
     let wait = wait_duration(&engine, b.wait)?;
     let got = engine.claim(&queue, &b.worker_id, max, lease, wait).await?;
-    let requests = got.iter().filter_map(ClaimedRequest::from_request).collect();
+    let requests = got
+        .iter()
+        .filter_map(ClaimedRequest::from_request)
+        .collect();
     Ok(Json(ClaimResponse { requests }))
 }
 
@@ -101,14 +117,29 @@ pub async fn heartbeat(
     let b = body.value;
     lease_token(&b.lease_token)?;
     let extend = match validate::opt_duration("extend", b.extend)? {
-        Some(d) if d.is_zero() => return Err(Invalid::new("extend", "must be more than 0 seconds").into()),
+        Some(d) if d.is_zero() => {
+            return Err(Invalid::new("extend", "must be more than 0 seconds").into())
+        }
         other => other,
     };
     let req = engine
-        .heartbeat(HeartbeatParams { id: r.id, lease_token: b.lease_token, progress: b.progress, extend, now: engine.now() })
+        .heartbeat(HeartbeatParams {
+            id: r.id,
+            lease_token: b.lease_token,
+            progress: b.progress,
+            extend,
+            now: engine.now(),
+        })
         .await?;
-    let lease_expires_at = req.lease.as_ref().map(|l| l.expires_at).unwrap_or(req.updated_at);
-    Ok(Json(HeartbeatResponse { lease_expires_at, cancel_requested: req.cancel_requested }))
+    let lease_expires_at = req
+        .lease
+        .as_ref()
+        .map(|l| l.expires_at)
+        .unwrap_or(req.updated_at);
+    Ok(Json(HeartbeatResponse {
+        lease_expires_at,
+        cancel_requested: req.cancel_requested,
+    }))
 }
 
 /// Complete a running request with its output (idempotent with the same token).
@@ -124,7 +155,12 @@ pub async fn complete(
     let r = request_ref(&caller, id)?;
     let b = body.value;
     lease_token(&b.lease_token)?;
-    let item = SettleParams { id: r.id, lease_token: b.lease_token, settlement: Settlement::Complete { output: b.output } };
+    let item = SettleParams {
+        id: r.id,
+        queue: None,
+        lease_token: b.lease_token,
+        settlement: Settlement::Complete { output: b.output },
+    };
     Ok(Json(engine.settle(item).await?))
 }
 
@@ -142,7 +178,12 @@ pub async fn fail(
     let b = body.value;
     lease_token(&b.lease_token)?;
     let settlement = fail_settlement(b.error, b.retryable, b.retry_after)?;
-    let item = SettleParams { id: r.id, lease_token: b.lease_token, settlement };
+    let item = SettleParams {
+        id: r.id,
+        queue: None,
+        lease_token: b.lease_token,
+        settlement,
+    };
     Ok(Json(engine.settle(item).await?))
 }
 
@@ -161,37 +202,65 @@ pub async fn settlements(
     if items.is_empty() || items.len() > 100 {
         return Err(Invalid::new("items", "must hold 1 to 100 items").into());
     }
-    // Items that are malformed get their own problem; the rest go to the store together.
+    // A malformed item refuses the whole batch (400); an id that names no
+    // request of this queue is that item's 404.
     let mut slots: Vec<Result<usize, ApiError>> = Vec::with_capacity(items.len());
     let mut ids = Vec::with_capacity(items.len());
     let mut batch = Vec::with_capacity(items.len());
     for (i, it) in items.into_iter().enumerate() {
         ids.push(it.id.clone());
-        let parsed = (|| {
-            let r = request_ref(&caller, it.id.clone())?;
-            lease_token(&it.lease_token).map_err(|e| ApiError::from(Invalid::new(&format!("items[{i}].lease_token"), e.message)))?;
-            let settlement = match (it.output, it.error) {
-                (Some(output), None) => Settlement::Complete { output },
-                (None, Some(error)) => fail_settlement(error, it.retryable, it.retry_after)?,
-                _ => return Err(Invalid::new(&format!("items[{i}]"), "must have exactly one of output or error").into()),
-            };
-            Ok(SettleParams { id: r.id, lease_token: it.lease_token, settlement })
-        })();
-        slots.push(parsed.map(|p| {
-            batch.push(p);
+        lease_token(&it.lease_token).map_err(|e| {
+            ApiError::from(Invalid::new(&format!("items[{i}].lease_token"), e.message))
+        })?;
+        let settlement = match (it.output, it.error) {
+            (Some(output), None) => Settlement::Complete { output },
+            (None, Some(error)) => fail_settlement(error, it.retryable, it.retry_after)?,
+            _ => {
+                return Err(Invalid::new(
+                    &format!("items[{i}]"),
+                    "must have exactly one of output or error",
+                )
+                .into())
+            }
+        };
+        slots.push(request_ref(&caller, it.id).map(|r| {
+            batch.push(SettleParams {
+                id: r.id,
+                queue: Some(queue.clone()),
+                lease_token: it.lease_token,
+                settlement,
+            });
             batch.len() - 1
         }));
     }
-    let mut results: Vec<Option<Result<Request, ApiError>>> =
-        engine.settle_many(batch).await?.into_iter().map(|r| Some(r.map_err(ApiError::from))).collect();
+    let mut results: Vec<Option<Result<Request, ApiError>>> = engine
+        .settle_many(batch)
+        .await?
+        .into_iter()
+        .map(|r| Some(r.map_err(ApiError::from)))
+        .collect();
     let items = slots
         .into_iter()
         .zip(ids)
         .map(|(slot, id)| {
-            let res = slot.and_then(|i| results[i].take().unwrap_or_else(|| Err(ApiError::not_found("the request"))));
+            let res = slot.and_then(|i| {
+                results[i]
+                    .take()
+                    .unwrap_or_else(|| Err(ApiError::not_found("the request")))
+            });
             match res {
-                Ok(req) => SettlementResult { id, status: StatusCode::OK.as_u16(), request: Some(req), problem: None },
-                Err(e) => SettlementResult { id, status: e.status().as_u16(), request: None, problem: Some(e.problem()) },
+                Ok(req) => SettlementResult {
+                    id,
+                    status: StatusCode::OK.as_u16(),
+                    request: Some(req),
+                    problem: None,
+                },
+                Err(e) => SettlementResult {
+                    id,
+                    status: e.status().as_u16(),
+                    request: None,
+                    problem: Some(e.problem()),
+                },
             }
         })
         .collect();

@@ -5,12 +5,16 @@
 //!
 //! - [`reaper`]: leases that ran out → requeue or dead-letter.
 //! - [`expirer`]: deadlines that passed → `expired`.
-//! - [`scheduler`]: delayed or backed-off requests becoming claimable → wake
-//!   waiting claims.
+//! - [`scheduler`]: delayed or backed-off requests becoming claimable, and
+//!   unacknowledged channel messages becoming visible again → wake waiters.
+//! - [`webhooks`]: reply deliveries due → POST them, signed; record each attempt.
+//! - [`retention`]: unacknowledged channel messages past retention → delete.
 
 pub mod expirer;
 pub mod reaper;
+pub mod retention;
 pub mod scheduler;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -36,7 +40,10 @@ pub struct Timer {
 
 impl Default for Timer {
     fn default() -> Self {
-        Timer { sleeping_until: AtomicI64::new(i64::MIN), bell: Notify::new() }
+        Timer {
+            sleeping_until: AtomicI64::new(i64::MIN),
+            bell: Notify::new(),
+        }
     }
 }
 
@@ -61,8 +68,12 @@ pub struct Timers {
     pub reaper: Timer,
     /// Deadlines.
     pub expirer: Timer,
-    /// Delayed runs.
+    /// Delayed runs and channel redeliveries.
     pub scheduler: Timer,
+    /// Webhook deliveries.
+    pub webhooks: Timer,
+    /// Retention.
+    pub retention: Timer,
 }
 
 impl Timers {
@@ -71,6 +82,8 @@ impl Timers {
         self.reaper.wake();
         self.expirer.wake();
         self.scheduler.wake();
+        self.webhooks.wake();
+        self.retention.wake();
     }
 }
 
@@ -79,8 +92,13 @@ impl Timers {
 /// `due` answers the next due time (None: nothing due); `work` does what is
 /// due now and answers how many items it handled (a full batch runs again at
 /// once).
-pub async fn run_service<D, DF, W, WF>(engine: Arc<Engine>, name: &'static str, timer: fn(&Engine) -> &Timer, due: D, work: W)
-where
+pub async fn run_service<D, DF, W, WF>(
+    engine: Arc<Engine>,
+    name: &'static str,
+    timer: fn(&Engine) -> &Timer,
+    due: D,
+    work: W,
+) where
     D: Fn(Arc<Engine>) -> DF,
     DF: Future<Output = coatcheck_store::Result<Option<Ts>>>,
     W: Fn(Arc<Engine>) -> WF,
@@ -92,8 +110,9 @@ where
             return;
         }
         let t = timer(&engine);
-        // Mark "awake" first so that hints arriving during the round ring the bell.
-        t.sleeping_until.store(i64::MIN, Ordering::Release);
+        // Mark "awake" first: while awake every hint rings the bell, and the
+        // stored permit makes the sleep after this round end at once.
+        t.sleeping_until.store(i64::MAX, Ordering::Release);
         let round = async {
             loop {
                 let n = work(engine.clone()).await?;

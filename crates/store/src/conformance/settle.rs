@@ -242,6 +242,7 @@ pub async fn settle_many_items_are_independent(store: &dyn Store) {
     let (a, b, c) = (&running[0], &running[1], &running[2]);
     let unknown = new_request_id();
     let item = |id: &str, tok: &str, s: Settlement| SettleParams {
+        queue: None,
         id: id.into(),
         lease_token: tok.into(),
         settlement: s,

@@ -131,6 +131,8 @@ pub async fn due_times_report_the_earliest_lease_deadline_and_run_after(store: &
         lease_expiry: Some(at(t0, 30_000)),
         deadline: Some(at(t0, 300_000)),
         run_after: Some(at(t0, 60_000)),
+        channel_visible: None,
+        webhook: None,
     };
     assert_eq!(due, want);
 
@@ -143,6 +145,8 @@ pub async fn due_times_report_the_earliest_lease_deadline_and_run_after(store: &
         lease_expiry: Some(at(t0, 90_000)),
         deadline: Some(at(t0, 600_000)),
         run_after: Some(at(t0, 60_000)),
+        channel_visible: None,
+        webhook: None,
     };
     assert_eq!(due, want);
 
@@ -167,7 +171,9 @@ pub async fn due_times_report_the_earliest_lease_deadline_and_run_after(store: &
         DueTimes {
             lease_expiry: Some(at(t0, 90_000)),
             deadline: None,
-            run_after: None
+            run_after: None,
+            channel_visible: None,
+            webhook: None,
         }
     );
 }

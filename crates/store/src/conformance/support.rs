@@ -175,6 +175,7 @@ pub(crate) async fn settle(
     now: Ts,
 ) -> Result<Changed> {
     let item = SettleParams {
+        queue: None,
         id: id.to_string(),
         lease_token: lease_token.to_string(),
         settlement,

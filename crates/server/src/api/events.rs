@@ -1,0 +1,176 @@
+//! `GET /v1/requests/{id}/events`: Server-Sent Events of one request.
+//!
+//! One event per change of the request: `event: status` or
+//! `event: progress`, `data:` the Request JSON, `id:` the history `seq` of
+//! the change. Built from the request's history, so `Last-Event-ID` replays
+//! exactly what came after it. The stream closes after the terminal event;
+//! a stream opened on a terminal request sends its state and closes; a
+//! reconnect whose `Last-Event-ID` is already past the terminal event gets
+//! `204 No Content` (which tells a browser EventSource to stop). Idle
+//! streams send keep-alive comments. A stream costs one task-free future
+//! and a notifier subscription — no polling.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use coatcheck_core::{EventKind, HistoryEvent, Request};
+use coatcheck_store::RequestRef;
+
+use super::auth::Caller;
+use super::extract::Segment;
+use super::problem::ApiError;
+use super::requests::request_ref;
+use crate::engine::Engine;
+use crate::notify::{Key, Subscription};
+
+/// The routes of this file.
+pub fn router() -> Router<Arc<Engine>> {
+    Router::new().route("/v1/requests/{id}/events", get(events))
+}
+
+/// The SSE event name of a history event, or `None` for events that do not
+/// change the Request (reply deliveries).
+fn event_name(kind: &EventKind) -> Option<&'static str> {
+    match kind {
+        EventKind::Progress { .. } => Some("progress"),
+        EventKind::ReplyDelivered { .. } | EventKind::ReplyDeliveryFailed { .. } => None,
+        _ => Some("status"),
+    }
+}
+
+fn is_terminal_event(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Succeeded { .. }
+            | EventKind::Failed { .. }
+            | EventKind::Cancelled
+            | EventKind::Expired { .. }
+    )
+}
+
+/// Parses `Last-Event-ID`; anything but a sequence number is a 400.
+pub fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let s = v.to_str().unwrap_or("").trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<u64>().map(Some).map_err(|_| {
+        ApiError::bad_request("Last-Event-ID must be an event id this server sent (a number)")
+            .with("field", "Last-Event-ID")
+    })
+}
+
+struct Stream_ {
+    engine: Arc<Engine>,
+    r: RequestRef,
+    sub: Subscription,
+    last: u64,
+    queue: VecDeque<Event>,
+    done: bool,
+}
+
+fn sse_event(name: &str, seq: u64, req: &Request) -> Event {
+    Event::default()
+        .event(name)
+        .id(seq.to_string())
+        .data(serde_json::to_string(req).unwrap_or_default())
+}
+
+impl Stream_ {
+    /// Queues the events after `last`; marks done after the terminal one.
+    fn push(&mut self, events: &[HistoryEvent], req: &Request) {
+        for e in events {
+            self.last = e.seq;
+            if let Some(name) = event_name(&e.kind) {
+                self.queue.push_back(sse_event(name, e.seq, req));
+            }
+            if is_terminal_event(&e.kind) && req.status.is_terminal() {
+                self.done = true;
+            }
+        }
+        if req.status.is_terminal() && !self.done {
+            // Terminal by an event before `last` (e.g. after a redrive race):
+            // nothing more will come.
+            self.done = true;
+        }
+    }
+}
+
+/// Server-Sent Events of one request.
+#[utoipa::path(get, path = "/v1/requests/{id}/events", tag = "client",
+    params(("id" = String, Path), ("Last-Event-ID" = Option<String>, Header)),
+    responses((status = 200, description = "text/event-stream of status and progress events"),
+        (status = 204, description = "Already past the terminal event"), (status = 404, body = coatcheck_core::wire::Problem)))]
+pub async fn events(
+    State(engine): State<Arc<Engine>>,
+    caller: Caller,
+    Segment(id): Segment,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let r = request_ref(&caller, id)?;
+    let last = last_event_id(&headers)?;
+    // Subscribe before reading, so no change between the read and the wait is lost.
+    let sub = engine.notifier.subscribe(Key::Request(r.id.clone()));
+    let req = engine.get(r.clone()).await?;
+    let mut st = Stream_ {
+        engine: engine.clone(),
+        r: r.clone(),
+        sub,
+        last: 0,
+        queue: VecDeque::new(),
+        done: false,
+    };
+    match last {
+        None => {
+            // The current state first, then what follows.
+            st.last = req.history_seq;
+            st.queue
+                .push_back(sse_event("status", req.history_seq, &req));
+            st.done = req.status.is_terminal();
+        }
+        Some(last) => {
+            let events = engine.history(r.clone(), last).await?;
+            let more = events.iter().any(|e| event_name(&e.kind).is_some());
+            if req.status.is_terminal() && !more {
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
+            st.last = last;
+            st.push(&events, &req);
+        }
+    }
+    let stream = futures::stream::unfold(st, next);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(engine.config.sse_keep_alive))
+        .into_response())
+}
+
+async fn next(mut st: Stream_) -> Option<(Result<Event, Infallible>, Stream_)> {
+    loop {
+        if let Some(e) = st.queue.pop_front() {
+            return Some((Ok(e), st));
+        }
+        if st.done {
+            return None;
+        }
+        tokio::select! {
+            _ = st.sub.changed() => {}
+            _ = st.engine.shutdown.cancelled() => return None,
+        }
+        let events = st.engine.history(st.r.clone(), st.last).await.ok()?;
+        if events.is_empty() {
+            continue;
+        }
+        let req = st.engine.get(st.r.clone()).await.ok()?;
+        st.push(&events, &req);
+    }
+}
