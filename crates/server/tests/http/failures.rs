@@ -1,7 +1,5 @@
 //! Fail (backoff, dead-letter, fallback) and the batch settlements.
 
-use std::time::{Duration, Instant};
-
 use coatcheck_testkit::{assert_problem, TestServer};
 use serde_json::{json, Value};
 
@@ -180,6 +178,23 @@ async fn a_dead_lettered_request_with_a_fallback_queue_submits_a_linked_request(
     let c = claim_one(&s, "big-model", 30.0).await;
     assert_eq!(c["id"], fb.as_str());
     assert_eq!(c["correlation_id"], "c-7");
+    // Redriven, it is a fresh start: the link is cleared, and dead-lettering
+    // again hands it to a new fallback.
+    let r = json_of(
+        s.post(&format!("/v1/requests/{first}/redrive"), json!({}))
+            .await,
+        200,
+    )
+    .await;
+    assert_eq!(r["fallback_request_id"], Value::Null);
+    let c = claim_one(&s, "small-model", 30.0).await;
+    let r = json_of(fail(&s, &first, &token(&c), json!({})).await, 200).await;
+    let fb2 = r["fallback_request_id"]
+        .as_str()
+        .expect("a second fallback")
+        .to_string();
+    assert_ne!(fb2, fb);
+    assert_eq!(get_req(&s, &fb2).await["fallback_of"], first.as_str());
     // A retryable failure with attempts left does not fall back.
     let second = id(&s
         .submit(
@@ -258,14 +273,16 @@ async fn settlements_answer_each_item_in_order_and_independently() {
         200
     );
 
-    // A malformed id or an item with both (or neither) output and error is that item's problem.
+    // A malformed id, or a request of another queue, is that item's 404.
+    let elsewhere = id(&s.submit("other", json!({"input": 1})).await);
+    let oc = claim_one(&s, "other", 30.0).await;
     let v = json_of(
         s.post(
             "/v1/queues/batch/settlements",
             json!({"items": [
                 {"id": "nope", "lease_token": "t", "output": 1},
-                {"id": ids[3], "lease_token": "t", "output": 1, "error": {"message": "m"}},
-                {"id": ids[3], "lease_token": "t"},
+                {"id": elsewhere, "lease_token": token(&oc), "output": 1},
+                {"id": ids[2], "lease_token": token(&c[2]), "output": "again"},
             ]}),
         )
         .await,
@@ -278,7 +295,39 @@ async fn settlements_answer_each_item_in_order_and_independently() {
         .iter()
         .map(|i| i["status"].as_u64().unwrap())
         .collect();
-    assert_eq!(statuses, [404, 400, 400]);
+    assert_eq!(statuses, [404, 404, 200]);
+    assert_eq!(
+        get_req(&s, &elsewhere).await["status"],
+        "running",
+        "not settled through another queue"
+    );
+    // An item with both (or neither) output and error refuses the whole batch.
+    for (bad, field) in [
+        (
+            json!({"id": ids[3], "lease_token": "t", "output": 1, "error": {"message": "m"}}),
+            "items[1]",
+        ),
+        (json!({"id": ids[3], "lease_token": "t"}), "items[1]"),
+        (
+            json!({"id": ids[3], "lease_token": ""}),
+            "items[1].lease_token",
+        ),
+    ] {
+        let body =
+            json!({"items": [{"id": elsewhere, "lease_token": token(&oc), "output": 1}, bad]});
+        let p = assert_problem(
+            s.post("/v1/queues/other/settlements", body).await,
+            400,
+            "invalid-request",
+        )
+        .await;
+        assert_eq!(p.extensions["field"], field);
+    }
+    assert_eq!(
+        get_req(&s, &elsewhere).await["status"],
+        "running",
+        "a refused batch settles nothing"
+    );
 
     // 0 or 101 items, or a body of the wrong shape: 400.
     let item = json!({"id": ids[0], "lease_token": "t", "output": 1});

@@ -191,6 +191,10 @@ async fn prefer_wait_answers_202_when_nothing_finishes() {
     assert_eq!(resp.status(), 202);
     assert!(resp.headers().get("retry-after").is_some());
     assert!(
+        resp.headers().get("preference-applied").is_none(),
+        "only on the 200 it produced"
+    );
+    assert!(
         took >= Duration::from_millis(900),
         "it waited about 1 s, took {took:?}"
     );
@@ -423,4 +427,36 @@ async fn prefer_wait_above_the_cap_is_clamped() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(10),
         "{took:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submits_with_one_idempotency_key_create_one_request() {
+    let s = Arc::new(TestServer::start().await);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let s = s.clone();
+        set.spawn(async move {
+            let resp = s
+                .http()
+                .post(s.url("/v1/queues/race/requests"))
+                .header("idempotency-key", "same")
+                .json(&json!({"input": {"n": 1}}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, id(&resp.json::<Value>().await.unwrap()))
+        });
+    }
+    let mut created = 0;
+    let mut ids = std::collections::HashSet::new();
+    while let Some(r) = set.join_next().await {
+        let (status, id) = r.unwrap();
+        assert!(status == 202 || status == 200, "{status}");
+        created += usize::from(status == 202);
+        ids.insert(id);
+    }
+    assert_eq!(created, 1, "exactly one 202");
+    assert_eq!(ids.len(), 1, "every answer names the same request");
+    assert_eq!(count_requests(&s).await, 1);
 }

@@ -185,7 +185,7 @@ async fn a_deadline_expires_queued_and_running_requests() {
     // Expired requests are not claimable; the one with a later deadline is.
     let got = claim_wait(&s, "dd", 10, 30.0, 0.0).await;
     let ids: Vec<String> = got.iter().map(id).collect();
-    assert_eq!(ids, [later.clone()]);
+    assert_eq!(ids, std::slice::from_ref(&later));
     assert_eq!(get_req(&s, &later).await["status"], "running");
 }
 
@@ -219,7 +219,6 @@ async fn a_delayed_request_is_claimable_after_its_delay() {
     assert!(took < Duration::from_millis(2500), "{took:?}");
 }
 
-
 #[tokio::test]
 async fn a_half_second_deadline_expires_about_half_a_second_later() {
     let s = TestServer::start().await;
@@ -229,19 +228,30 @@ async fn a_half_second_deadline_expires_about_half_a_second_later() {
     let r = wait_terminal(&s, &id).await;
     let took = t0.elapsed();
     assert_eq!(r["status"], "expired");
-    assert!(took >= Duration::from_millis(495), "not before the deadline: {took:?}");
-    assert!(took < Duration::from_millis(2500), "about 0.5 s later: {took:?}");
+    assert!(
+        took >= Duration::from_millis(495),
+        "not before the deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "about 0.5 s later: {took:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_one_second_last_lease_dead_letters_and_wakes_the_status_long_poll() {
     let s = TestServer::start().await;
-    let id = id(&s.submit("le-rt", json!({"input": 1, "max_attempts": 1})).await);
+    let id = id(&s
+        .submit("le-rt", json!({"input": 1, "max_attempts": 1}))
+        .await);
     let t0 = Instant::now();
     claim_one(&s, "le-rt", 1.0).await;
     let r = wait_terminal(&s, &id).await;
     let took = t0.elapsed();
     assert_eq!(r["status"], "failed");
     assert_eq!(r["error"]["code"], "lease_expired");
-    assert!(took >= Duration::from_millis(950) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
 }
