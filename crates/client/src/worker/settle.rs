@@ -12,6 +12,9 @@
 //!   is refused for good (409/404: the lease is gone, or a repeated fail whose
 //!   first answer was lost), or the worker gives up at the end of shutdown.
 //!   Complete is idempotent with the current token, so a repeat is harmless.
+//! - A complete refused with 400/413 (an output the server will never take,
+//!   e.g. over its body limit) is reported as a non-retryable fail with code
+//!   `output_rejected` instead of being dropped.
 //! - If the server does not offer the batch call (404/405/501 for the whole
 //!   call), the settler falls back to single calls for the rest of its life.
 
@@ -185,7 +188,7 @@ fn outcome_of(r: SettlementResult) -> Outcome {
 }
 
 async fn settle_one(ctx: &Ctx, p: Pending) {
-    let item = &p.item;
+    let Pending { mut item, reply } = p;
     let mut failures = 0u32;
     let outcome = loop {
         let call = async {
@@ -215,6 +218,12 @@ async fn settle_one(ctx: &Ctx, p: Pending) {
         match answer {
             Ok(req) => break Outcome::Settled(Some(req.status)),
             Err(e) if e.is_conflict() || e.is_not_found() => break Outcome::Rejected(e),
+            Err(e) if item.output.is_some() && matches!(e.status(), Some(400 | 413)) => {
+                // The server will never take this output (too large, …):
+                // fail the attempt for good rather than leave the request to
+                // run into its lease again and again.
+                item = rejected_output(item, &e);
+            }
             Err(error) if error.is_transient() => {
                 ctx.emit(WorkerEvent::SettleFailed {
                     ids: vec![item.id.clone()],
@@ -230,7 +239,24 @@ async fn settle_one(ctx: &Ctx, p: Pending) {
             Err(e) => break Outcome::GaveUp(e),
         }
     };
-    p.answer(outcome);
+    let _ = reply.send(outcome);
+}
+
+/// The fail to report instead of a complete whose output was refused.
+fn rejected_output(item: SettlementItem, refusal: &Error) -> SettlementItem {
+    let why = refusal
+        .problem()
+        .map_or_else(|| refusal.to_string(), |p| p.detail.clone());
+    SettlementItem {
+        output: None,
+        error: Some(coatcheck_core::ErrorInfo::new(
+            "output_rejected",
+            format!("the server refused the output: {why}"),
+        )),
+        retryable: Some(false),
+        retry_after: None,
+        ..item
+    }
 }
 
 #[cfg(test)]

@@ -89,7 +89,11 @@ async fn submit_claim_complete_and_read_the_typed_result() {
     assert_eq!(got, out);
     let history = c.history(sub.id()).await.unwrap();
     let kinds: Vec<_> = history.iter().map(|e| e.kind.name()).collect();
-    assert_eq!(kinds, ["submitted", "claimed", "progress", "succeeded"]);
+    // (then `reply_delivered` for the channel, possibly not yet)
+    assert_eq!(
+        kinds[..4],
+        ["submitted", "claimed", "progress", "succeeded"]
+    );
     assert!(matches!(
         history[1].kind,
         EventKind::Claimed { attempt: 1, .. }

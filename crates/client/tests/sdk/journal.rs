@@ -1,4 +1,3 @@
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -86,7 +85,7 @@ async fn submitted_ids_are_pending_until_their_outcome_is_read() {
 }
 
 /// The child half of `the_journal_survives_a_killed_client`: submits, says
-/// so on stdout, then hangs until killed.
+/// so in a file, then hangs until killed.
 #[tokio::test]
 async fn journal_child_process() {
     let (Ok(url), Ok(path)) = (
@@ -95,14 +94,14 @@ async fn journal_child_process() {
     ) else {
         return;
     };
-    let c = Client::builder(url).journal(path).build().unwrap();
+    let c = Client::builder(url).journal(&path).build().unwrap();
     let sub = c
         .submit("killed", &"payload")
         .correlation_id("before-the-kill")
         .send()
         .await
         .unwrap();
-    println!("SUBMITTED {}", sub.id());
+    std::fs::write(format!("{path}.submitted"), sub.id()).unwrap();
     tokio::time::sleep(Duration::from_secs(600)).await;
 }
 
@@ -114,28 +113,31 @@ async fn the_journal_survives_a_killed_client() {
         .args([
             "--exact",
             "journal::journal_child_process",
-            "--nocapture",
             "--test-threads=1",
         ])
         .env("COATCHECK_SDK_CHILD_URL", s.base_url())
         .env("COATCHECK_SDK_CHILD_JOURNAL", &path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let id = tokio::task::spawn_blocking(move || {
-        for line in BufReader::new(stdout).lines() {
-            if let Some(id) = line.unwrap().strip_prefix("SUBMITTED ") {
-                return id.to_string();
+    let marker = format!("{}.submitted", path.display());
+    let mut id = None;
+    for _ in 0..200 {
+        if let Ok(text) = std::fs::read_to_string(&marker) {
+            if !text.is_empty() {
+                id = Some(text);
+                break;
             }
         }
-        panic!("the child never submitted");
-    })
-    .await
-    .unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the child exited ({status}) without submitting");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     child.kill().unwrap(); // SIGKILL: no destructors, no flushing
     child.wait().unwrap();
+    let id = id.expect("the child submitted within 10 s");
 
     let c = client(&s).with_journal(&path).unwrap();
     let pending = c.pending().unwrap();

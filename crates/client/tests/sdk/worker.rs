@@ -116,9 +116,10 @@ async fn leases_are_renewed_while_a_handler_outlives_three_of_them() {
     let s = TestServer::start().await;
     let c = client(&s);
     let (run, stop) = spawn(
-        Worker::new(c.clone(), "slow").lease(Duration::from_secs(1)),
+        Worker::new(c.clone(), "slow").lease(Duration::from_millis(1500)),
         |job: Job<u32>| async move {
-            for i in 0..7 {
+            // 5 s: more than three leases.
+            for i in 0..10 {
                 job.progress(json!({"step": i}));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -358,4 +359,24 @@ async fn a_refused_claim_stops_the_worker_with_its_error() {
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(400), "{err}");
+}
+
+#[tokio::test]
+async fn an_output_the_server_refuses_fails_the_request() {
+    let s = TestServer::start().await;
+    let c = client(&s);
+    let (run, stop) = spawn(
+        Worker::new(c.clone(), "huge"),
+        |_job: Job<u32>| async move { Ok::<_, HandlerError>("x".repeat(2 * 1024 * 1024)) },
+    );
+    let sub = c.submit("huge", &1).send().await.unwrap();
+    let r = c
+        .wait(sub.id(), Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Failed);
+    assert_eq!(r.attempts, 1);
+    assert_eq!(r.error.unwrap().code.as_deref(), Some("output_rejected"));
+    stop.cancel();
+    run.await.unwrap().unwrap();
 }
