@@ -31,6 +31,14 @@ enum Command {
     Cancel(cmd::cancel::Args),
     /// Show the queues: counts by status, oldest queued age, claim rate.
     Queues(cmd::queues::Args),
+    /// Make API keys for the keys file.
+    Keys(cmd::keys::Args),
+    /// Measure the echo request-reply workload (server, worker and client
+    /// in separate processes, as the peers were measured).
+    Bench(cmd::bench::Args),
+    /// The benchmark's echo worker process (started by `bench`).
+    #[command(hide = true)]
+    BenchWorker(cmd::bench::WorkerArgs),
 }
 
 fn main() {
@@ -42,6 +50,9 @@ fn main() {
         Command::Wait(a) => cmd::client_main(|| cmd::wait::run(a)),
         Command::Cancel(a) => cmd::client_main(|| cmd::cancel::run(a)),
         Command::Queues(a) => cmd::client_main(|| cmd::queues::run(a)),
+        Command::Keys(a) => cmd::keys::main(a),
+        Command::Bench(a) => cmd::multi_thread_main(|| cmd::bench::run(a)),
+        Command::BenchWorker(a) => cmd::multi_thread_main(|| cmd::bench::worker(a)),
     };
     std::process::exit(code);
 }

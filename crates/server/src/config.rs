@@ -58,6 +58,12 @@ pub struct Config {
     pub channel_retention: Duration,
     /// How often an idle SSE stream sends a keep-alive comment.
     pub sse_keep_alive: Duration,
+    /// The keys file (`None`: no keys; the server must listen on loopback).
+    pub keys_file: Option<PathBuf>,
+    /// Queue depth, submit rate and stream limits.
+    pub limits: crate::limits::LimitsConfig,
+    /// How claims share a queue among fairness keys (weights, caps).
+    pub fairness: Arc<coatcheck_store::FairnessRules>,
 }
 
 /// The default webhook retry schedule (Svix's): 5 s, 5 min, 30 min, 2 h,
@@ -88,6 +94,9 @@ impl Config {
             webhook_schedule: default_webhook_schedule(),
             channel_retention: Duration::from_secs(7 * 24 * 3600),
             sse_keep_alive: Duration::from_secs(15),
+            keys_file: None,
+            limits: crate::limits::LimitsConfig::new(),
+            fairness: Default::default(),
         }
     }
 }

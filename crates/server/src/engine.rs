@@ -14,6 +14,7 @@ use coatcheck_store::{
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::keys::Keys;
 use crate::metrics::{Counter, Metrics};
 use crate::notify::{Key, Notifier};
 use crate::tasks::Timers;
@@ -32,6 +33,9 @@ pub struct Engine {
     pub timers: Timers,
     /// Fires when the server is stopping: long-polls answer at once.
     pub shutdown: CancellationToken,
+    keys: std::sync::RwLock<Arc<Keys>>,
+    /// Rate, depth and stream limits.
+    pub limiter: crate::limits::Limiter,
 }
 
 impl std::fmt::Debug for Engine {
@@ -50,7 +54,26 @@ impl Engine {
             config,
             timers: Timers::default(),
             shutdown,
+            keys: Default::default(),
+            limiter: Default::default(),
         }
+    }
+
+    /// The keys in force.
+    pub fn keys(&self) -> Arc<Keys> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// (Re)loads the keys file, if one is configured. On error the keys in
+    /// force stay as they were.
+    pub fn reload_keys(&self) -> std::result::Result<usize, String> {
+        let Some(path) = &self.config.keys_file else {
+            return Ok(0);
+        };
+        let keys = Keys::load(path)?;
+        let n = keys.len();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        Ok(n)
     }
 
     /// Now, by the configured clock.
@@ -196,6 +219,7 @@ impl Engine {
         loop {
             let now = self.now();
             let p = ClaimParams {
+                fairness: self.config.fairness.clone(),
                 queue: queue.to_string(),
                 worker_id: worker_id.to_string(),
                 max,

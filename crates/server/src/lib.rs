@@ -20,6 +20,8 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod tasks;
@@ -30,6 +32,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use coatcheck_store::{Store, StoreOptions};
+use coatcheck_store_postgres::PgStore;
 use coatcheck_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -50,8 +53,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             let store = tokio::task::spawn_blocking(move || SqliteStore::open(dir, opts)).await??;
             Ok(Arc::new(store))
         }
-        StoreConfig::Postgres { .. } => {
-            anyhow::bail!("the PostgreSQL store is not available in this build yet")
+        StoreConfig::Postgres { url } => {
+            let store = PgStore::open(url, opts).await?;
+            Ok(Arc::new(store))
         }
     }
 }
@@ -92,6 +96,7 @@ impl Server {
         let addr = listener.local_addr().context("listener has no address")?;
         let grace = config.shutdown_grace;
         let engine = Arc::new(Engine::new(store, config, shutdown.clone()));
+        engine.reload_keys().map_err(|e| anyhow::anyhow!(e))?;
         let tasks = TaskTracker::new();
         tasks.spawn(tasks::reaper::run(engine.clone()));
         tasks.spawn(tasks::expirer::run(engine.clone()));

@@ -89,6 +89,7 @@ struct Inner {
     http: BTreeMap<(String, String, u16), Histogram>,
     e2e: BTreeMap<String, Histogram>,
     claim_window: BTreeMap<String, [(i64, u64); 60]>,
+    refused: BTreeMap<&'static str, u64>,
 }
 
 /// The metrics registry.
@@ -131,6 +132,11 @@ impl Metrics {
             *slot = (sec, 0);
         }
         slot.1 += n;
+    }
+
+    /// Counts a call refused by a limit (`queue_depth`, `submit_rate`, `streams`, …).
+    pub fn refused(&self, reason: &'static str) {
+        *self.lock().refused.entry(reason).or_default() += 1;
     }
 
     /// Claims per second on `queue` over the last minute.
@@ -197,6 +203,11 @@ impl Metrics {
                 last = Some(*c);
             }
             let _ = writeln!(out, "{}{{queue=\"{}\"}} {n}", c.name(), escape(queue));
+        }
+        out.push_str("# HELP coatcheck_refused_total Calls refused by a limit, by reason.\n");
+        out.push_str("# TYPE coatcheck_refused_total counter\n");
+        for (reason, n) in &inner.refused {
+            let _ = writeln!(out, "coatcheck_refused_total{{reason=\"{reason}\"}} {n}");
         }
         out.push_str("# HELP coatcheck_request_duration_seconds Submit to terminal, by queue.\n");
         out.push_str("# TYPE coatcheck_request_duration_seconds histogram\n");

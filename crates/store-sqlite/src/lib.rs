@@ -203,6 +203,20 @@ impl Store for SqliteStore {
         self.write(|tx| Cmd::ExpireLeases(now, limit, tx)).await
     }
 
+    async fn queue_depth(&self, queue: &str) -> Result<u64> {
+        let queue = queue.to_string();
+        self.reads
+            .run(move |c| {
+                c.prepare_cached(
+                    "SELECT count(*) FROM requests WHERE queue = ?1 AND status = 'queued'",
+                )
+                .and_then(|mut s| s.query_row([&queue], |r| r.get::<_, i64>(0)))
+                .map(|n| n as u64)
+                .map_err(sql::classify)
+            })
+            .await
+    }
+
     async fn queue_stats(&self, now: Ts) -> Result<Vec<QueueCounts>> {
         self.reads.run(move |c| read::queue_stats(c, now)).await
     }

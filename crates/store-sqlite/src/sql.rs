@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 pub const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_replies.sql"),
+    include_str!("../migrations/0003_fairness.sql"),
 ];
 
 const COLUMNS: &str = "id, tenant, queue, status, priority, attempts, max_attempts, cancel_requested, \
@@ -49,8 +50,23 @@ pub const SELECT_HISTORY: &str =
 pub const SELECT_IDEMPOTENCY: &str =
     "SELECT id, idempotency_hash FROM requests WHERE tenant = ?1 AND idempotency_key = ?2";
 
-pub const SELECT_READY: &str = "SELECT id FROM requests WHERE queue = ?1 AND status = 'queued' \
-    AND (run_after IS NULL OR run_after <= ?2) ORDER BY priority DESC, seq LIMIT ?3";
+/// The highest priority below `?2` that has queued requests.
+pub const NEXT_LEVEL: &str =
+    "SELECT priority FROM requests WHERE queue = ?1 AND status = 'queued' \
+    AND priority < ?2 ORDER BY priority DESC LIMIT 1";
+
+/// The first fairness key after `?3` at priority `?2`.
+pub const NEXT_KEY: &str =
+    "SELECT fairness_key FROM requests WHERE queue = ?1 AND status = 'queued' \
+    AND priority = ?2 AND fairness_key > ?3 ORDER BY fairness_key LIMIT 1";
+
+/// The oldest claimable requests of one key at one priority.
+pub const KEY_HEADS: &str = "SELECT id FROM requests WHERE queue = ?1 AND status = 'queued' \
+    AND priority = ?2 AND fairness_key = ?3 AND (run_after IS NULL OR run_after <= ?4) ORDER BY seq LIMIT ?5";
+
+/// Running requests of one key (for caps).
+pub const KEY_RUNNING: &str =
+    "SELECT count(*) FROM requests WHERE queue = ?1 AND status = 'running' AND fairness_key = ?2";
 
 pub const SELECT_LEASES_DUE: &str = "SELECT id FROM requests WHERE status = 'running' \
     AND lease_expires_at <= ?1 ORDER BY lease_expires_at LIMIT ?2";

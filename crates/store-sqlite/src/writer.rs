@@ -18,7 +18,7 @@ use coatcheck_store::{
     Changed, ChannelReceiveParams, ClaimParams, HeartbeatParams, RequestRef, Result, SettleParams,
     Settlement, StoreError, SubmitParams, Submitted, WebhookDelivery, WebhookOutcome,
 };
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use crate::sql;
@@ -60,7 +60,11 @@ fn pending<T: Send + 'static>(tx: Reply<T>, res: Result<T>) -> Pending {
 
 /// Runs the writer loop until every sender is gone.
 pub fn run(conn: Connection, rx: mpsc::Receiver<Cmd>, retry: RetryPolicy) {
-    let w = Writer { conn, retry };
+    let w = Writer {
+        conn,
+        retry,
+        cursors: Default::default(),
+    };
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
@@ -77,6 +81,9 @@ pub fn run(conn: Connection, rx: mpsc::Receiver<Cmd>, retry: RetryPolicy) {
 struct Writer {
     conn: Connection,
     retry: RetryPolicy,
+    /// Per queue: the priority level and fairness key served last, and how
+    /// many of its weight it has used this turn.
+    cursors: std::cell::RefCell<std::collections::HashMap<String, (i64, String, u32)>>,
 }
 
 impl Writer {
@@ -221,35 +228,150 @@ impl Writer {
         Ok(Submitted::Created(req))
     }
 
+    /// Fair claiming: levels of priority from the top; within a level,
+    /// turns across fairness keys in key order starting after the key served
+    /// last (the per-queue cursor), `weight` requests per turn, skipping keys
+    /// at their running cap; within a key, oldest first. Every step is an
+    /// index seek on `requests_fair`, so a deep backlog costs nothing.
     fn claim(&self, p: ClaimParams) -> Result<Vec<Request>> {
-        let mut out = Vec::with_capacity(p.max as usize);
-        // Candidates whose deadline passed are skipped by the rule; fetch a
-        // few extra so they do not starve the claim.
-        let ids = sql::ids(
-            &self.conn,
-            sql::SELECT_READY,
-            rusqlite::params![
-                p.queue,
-                coatcheck_core::clock::to_micros(p.now),
-                (p.max as i64) * 2 + 8
-            ],
-        )?;
-        for id in ids {
-            if out.len() >= p.max as usize {
-                break;
-            }
-            let Some(mut req) = sql::load(&self.conn, &id)? else {
-                continue;
-            };
-            match rules::claim(&mut req, &p.worker_id, p.lease, new_lease_token(), p.now) {
-                Ok(mut events) => {
-                    self.save(&mut req, &mut events)?;
-                    out.push(req);
+        let now = to_micros(p.now);
+        let mut out: Vec<Request> = Vec::with_capacity(p.max as usize);
+        let mut level: Option<i64> =
+            self.one(sql::NEXT_LEVEL, rusqlite::params![p.queue, i64::MAX])?;
+        while let Some(prio) = level {
+            loop {
+                let need = p.max as usize - out.len();
+                if need == 0 {
+                    return Ok(out);
                 }
-                Err(_) => continue,
+                let progressed = self.claim_round(&p, prio, now, &mut out)?;
+                if !progressed {
+                    break;
+                }
             }
+            level = self.one(sql::NEXT_LEVEL, rusqlite::params![p.queue, prio])?;
         }
         Ok(out)
+    }
+
+    /// One turn of every key at a priority level; whether anything was claimed.
+    fn claim_round(
+        &self,
+        p: &ClaimParams,
+        prio: i64,
+        now: i64,
+        out: &mut Vec<Request>,
+    ) -> Result<bool> {
+        let (cursor, used) = {
+            let cursors = self.cursors.borrow();
+            match cursors.get(&p.queue).filter(|(lp, _, _)| *lp == prio) {
+                Some((_, k, used)) => (Some(k.clone()), *used),
+                None => (None, 0),
+            }
+        };
+        // Keys after the cursor, then from the first up to and including it.
+        let limit = p.max as usize * 4 + 64; // enough candidates for one call
+        let mut keys: Vec<String> = Vec::new();
+        // The key served last continues its turn if its weight is not used up.
+        let resume = cursor.clone().filter(|c| used < p.fairness.weight(c));
+        if let Some(c) = &resume {
+            keys.push(c.clone());
+        }
+        if let Some(c) = &cursor {
+            let mut after = c.clone();
+            while keys.len() < limit {
+                let Some(k) =
+                    self.one::<String>(sql::NEXT_KEY, rusqlite::params![p.queue, prio, after])?
+                else {
+                    break;
+                };
+                after = k.clone();
+                keys.push(k);
+            }
+        }
+        let mut next = self.first_key(&p.queue, prio)?;
+        while let Some(k) = next {
+            if keys.len() >= limit
+                || cursor
+                    .as_ref()
+                    .is_some_and(|c| k > *c || (k == *c && resume.is_some()))
+            {
+                break;
+            }
+            next = self.one::<String>(sql::NEXT_KEY, rusqlite::params![p.queue, prio, k])?;
+            keys.push(k);
+        }
+        let mut progressed = false;
+        for (i, key) in keys.into_iter().enumerate() {
+            let need = p.max as usize - out.len();
+            if need == 0 {
+                break;
+            }
+            let already = if resume.as_ref() == Some(&key) && i == 0 {
+                used
+            } else {
+                0
+            };
+            let mut take = ((p.fairness.weight(&key) - already) as usize).min(need);
+            if let Some(cap) = p.fairness.cap(&key) {
+                let running: i64 = self
+                    .one(sql::KEY_RUNNING, rusqlite::params![p.queue, key])?
+                    .unwrap_or(0);
+                take = take.min((cap as i64 - running).max(0) as usize);
+            }
+            if take == 0 {
+                continue;
+            }
+            let ids = sql::ids(
+                &self.conn,
+                sql::KEY_HEADS,
+                rusqlite::params![p.queue, prio, key, now, take as i64],
+            )?;
+            let mut got = 0;
+            for id in ids {
+                let Some(mut req) = sql::load(&self.conn, &id)? else {
+                    continue;
+                };
+                if let Ok(mut events) =
+                    rules::claim(&mut req, &p.worker_id, p.lease, new_lease_token(), p.now)
+                {
+                    self.save(&mut req, &mut events)?;
+                    out.push(req);
+                    got += 1;
+                }
+            }
+            if got > 0 {
+                progressed = true;
+                self.cursors
+                    .borrow_mut()
+                    .insert(p.queue.clone(), (prio, key, already + got));
+            }
+        }
+        Ok(progressed)
+    }
+
+    fn first_key(&self, queue: &str, prio: i64) -> Result<Option<String>> {
+        // "" sorts before every key except the empty one, which cannot exist
+        // (a fairness key defaults to the non-empty tenant) — but be exact:
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT fairness_key FROM requests WHERE queue = ?1 AND status = 'queued' AND priority = ?2 ORDER BY fairness_key LIMIT 1")
+            .map_err(sql::classify)?;
+        stmt.query_row(rusqlite::params![queue, prio], |r| r.get(0))
+            .optional()
+            .map_err(sql::classify)
+    }
+
+    fn one<T: rusqlite::types::FromSql>(
+        &self,
+        q: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Option<T>> {
+        let mut stmt = self.conn.prepare_cached(q).map_err(sql::classify)?;
+        stmt.query_row(params, |r| r.get::<_, Option<T>>(0))
+            .optional()
+            .map(Option::flatten)
+            .map_err(sql::classify)
     }
 
     fn heartbeat(&self, p: HeartbeatParams) -> Result<Changed> {

@@ -123,6 +123,32 @@ pub enum Submitted {
     Replayed(Request),
 }
 
+/// How claims share a queue among fairness keys: within a priority level
+/// they rotate across keys (A1, B1, A2, B2 … not A1..A1000 then B1), taking
+/// `weight` requests of a key per turn (default 1), and skipping a key that
+/// already has `cap` requests running.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FairnessRules {
+    /// Requests per turn, by key (default 1).
+    pub weights: std::collections::HashMap<String, u32>,
+    /// Most requests running at once, by key.
+    pub caps: std::collections::HashMap<String, u32>,
+    /// The cap of keys not in `caps` (`None`: no cap).
+    pub default_cap: Option<u32>,
+}
+
+impl FairnessRules {
+    /// Requests a key gets per turn.
+    pub fn weight(&self, key: &str) -> u32 {
+        self.weights.get(key).copied().unwrap_or(1).max(1)
+    }
+
+    /// The running cap of a key.
+    pub fn cap(&self, key: &str) -> Option<u32> {
+        self.caps.get(key).copied().or(self.default_cap)
+    }
+}
+
 /// `request_claim` params.
 #[derive(Debug, Clone)]
 pub struct ClaimParams {
@@ -134,6 +160,8 @@ pub struct ClaimParams {
     pub max: u32,
     /// The lease length.
     pub lease: Duration,
+    /// How keys share the queue.
+    pub fairness: std::sync::Arc<FairnessRules>,
     /// Now.
     pub now: Ts,
 }
@@ -358,6 +386,17 @@ pub trait Store: Send + Sync + 'static {
     /// `now`, at most `limit`.
     async fn lease_expire_due(&self, now: Ts, limit: u32) -> Result<Vec<Changed>>;
 
+    /// How many requests of a queue are `queued` (its depth, for limits).
+    async fn queue_depth(&self, queue: &str) -> Result<u64> {
+        let stats = self.queue_stats(chrono::Utc::now()).await?;
+        Ok(stats
+            .iter()
+            .find(|q| q.queue == queue)
+            .and_then(|q| q.counts.iter().find(|(s, _)| *s == Status::Queued))
+            .map(|(_, n)| *n)
+            .unwrap_or(0))
+    }
+
     /// Counts by queue and status.
     async fn queue_stats(&self, now: Ts) -> Result<Vec<QueueCounts>>;
 
@@ -387,8 +426,10 @@ pub trait Store: Send + Sync + 'static {
     /// Cancel: queued → cancelled; running → cancel requested.
     async fn request_cancel(&self, r: RequestRef, now: Ts) -> Result<(CancelOutcome, Changed)>;
 
-    /// Claims up to `max` claimable requests of a queue, highest priority then
-    /// oldest first; each comes back `running` under a fresh lease. No request
+    /// Claims up to `max` claimable requests of a queue: highest priority
+    /// first; within a priority, rotating across fairness keys per
+    /// [`FairnessRules`]; within a key, oldest first. Each comes back
+    /// `running` under a fresh lease. No request
     /// is ever leased twice at once, however many claims run concurrently.
     async fn request_claim(&self, p: ClaimParams) -> Result<Vec<Request>>;
 

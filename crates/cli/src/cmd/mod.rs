@@ -1,6 +1,8 @@
 //! One file per subcommand.
 
+pub mod bench;
 pub mod cancel;
+pub mod keys;
 pub mod queues;
 pub mod serve;
 pub mod status;
@@ -50,10 +52,24 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<i32>>,
 {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    block_on(tokio::runtime::Builder::new_current_thread(), f)
+}
+
+/// Like [`client_main`] on a multi-threaded runtime (bench, worker).
+pub fn multi_thread_main<F, Fut>(f: F) -> i32
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<i32>>,
+{
+    block_on(tokio::runtime::Builder::new_multi_thread(), f)
+}
+
+fn block_on<F, Fut>(mut builder: tokio::runtime::Builder, f: F) -> i32
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<i32>>,
+{
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

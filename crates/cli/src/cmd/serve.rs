@@ -49,6 +49,48 @@ pub struct Args {
     /// Seconds an unacknowledged reply-channel message is kept.
     #[arg(long, env = "COATCHECK_CHANNEL_RETENTION", default_value_t = 7.0 * 24.0 * 3600.0)]
     pub channel_retention: f64,
+    /// Queued requests any one queue may hold; submits beyond get 429.
+    #[arg(long, env = "COATCHECK_MAX_QUEUE_DEPTH")]
+    pub max_queue_depth: Option<u64>,
+    /// A per-queue depth limit, QUEUE=N (repeatable; overrides --max-queue-depth).
+    #[arg(
+        long = "queue-depth",
+        value_name = "QUEUE=N",
+        env = "COATCHECK_QUEUE_DEPTH",
+        value_delimiter = ','
+    )]
+    pub queue_depth: Vec<String>,
+    /// Submits per second per tenant (token bucket); beyond get 429.
+    #[arg(long, env = "COATCHECK_SUBMIT_RATE")]
+    pub submit_rate: Option<f64>,
+    /// The submit-rate bucket size (default: one second's worth).
+    #[arg(long, env = "COATCHECK_SUBMIT_BURST")]
+    pub submit_burst: Option<f64>,
+    /// Long-polls and streams one key (or tenant, without keys) may hold open.
+    #[arg(long, env = "COATCHECK_MAX_STREAMS_PER_KEY", default_value_t = 1000)]
+    pub max_streams_per_key: usize,
+    /// Fair claiming: requests a fairness key gets per turn, KEY=N (repeatable; default 1).
+    #[arg(
+        long = "fair-weight",
+        value_name = "KEY=N",
+        env = "COATCHECK_FAIR_WEIGHT",
+        value_delimiter = ','
+    )]
+    pub fair_weight: Vec<String>,
+    /// Fair claiming: most requests of a fairness key running at once, KEY=N (repeatable).
+    #[arg(
+        long = "fair-cap",
+        value_name = "KEY=N",
+        env = "COATCHECK_FAIR_CAP",
+        value_delimiter = ','
+    )]
+    pub fair_cap: Vec<String>,
+    /// Fair claiming: the running cap of keys without --fair-cap.
+    #[arg(long, env = "COATCHECK_FAIR_CAP_DEFAULT")]
+    pub fair_cap_default: Option<u32>,
+    /// The keys file (TOML; see `coatcheck keys new`). Reloaded on SIGHUP.
+    #[arg(long, env = "COATCHECK_KEYS")]
+    pub keys: Option<PathBuf>,
     /// Serve on a non-loopback address without API keys (anyone who can
     /// reach the port may do anything). For trusted networks only.
     #[arg(long, env = "COATCHECK_INSECURE_NO_AUTH")]
@@ -62,7 +104,13 @@ fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
             a.listen
         )
     })?;
-    if !addr.ip().is_loopback() && !a.insecure_no_auth {
+    let keyed = match &a.keys {
+        Some(path) => !coatcheck_server::keys::Keys::load(path)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .is_empty(),
+        None => false,
+    };
+    if !addr.ip().is_loopback() && !a.insecure_no_auth && !keyed {
         bail!(
             "refusing to listen on the non-loopback address {addr} without API keys; \
              listen on 127.0.0.1, or pass --insecure-no-auth for a trusted network"
@@ -106,6 +154,55 @@ fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
     if config.channel_retention.is_zero() {
         bail!("--channel-retention must be more than 0 seconds");
     }
+    config.keys_file = a.keys.clone();
+    let mut fairness = coatcheck_store::FairnessRules {
+        default_cap: a.fair_cap_default,
+        ..Default::default()
+    };
+    for (flag, specs, map) in [
+        ("--fair-weight", &a.fair_weight, &mut fairness.weights),
+        ("--fair-cap", &a.fair_cap, &mut fairness.caps),
+    ] {
+        for spec in specs {
+            let (k, n) = spec
+                .rsplit_once('=')
+                .with_context(|| format!("{flag} {spec:?} is not KEY=N"))?;
+            let n: u32 = n
+                .parse()
+                .with_context(|| format!("{flag} {spec:?}: N must be a whole number"))?;
+            if n == 0 && flag == "--fair-weight" {
+                bail!("{flag} {spec:?}: a weight must be at least 1");
+            }
+            map.insert(k.to_string(), n);
+        }
+    }
+    config.fairness = std::sync::Arc::new(fairness);
+    config.limits.max_queue_depth = a.max_queue_depth;
+    for spec in &a.queue_depth {
+        let (q, n) = spec
+            .split_once('=')
+            .with_context(|| format!("--queue-depth {spec:?} is not QUEUE=N"))?;
+        coatcheck_core::validate::name("queue", q)
+            .map_err(|e| anyhow::anyhow!("--queue-depth: {e}"))?;
+        let n: u64 = n
+            .parse()
+            .with_context(|| format!("--queue-depth {spec:?}: N must be a whole number"))?;
+        config.limits.queue_depth.insert(q.to_string(), n);
+    }
+    for (flag, v) in [
+        ("--submit-rate", a.submit_rate),
+        ("--submit-burst", a.submit_burst),
+    ] {
+        if v.is_some_and(|v| !v.is_finite() || v <= 0.0) {
+            bail!("{flag} must be a positive number");
+        }
+    }
+    config.limits.submit_rate = a.submit_rate;
+    config.limits.submit_burst = a.submit_burst;
+    if a.max_streams_per_key == 0 {
+        bail!("--max-streams-per-key must be at least 1");
+    }
+    config.limits.max_streams_per_key = a.max_streams_per_key;
     config.max_body = a.max_body;
     config.max_wait = Duration::from_secs_f64(a.max_wait);
     Ok((addr, config))
@@ -159,6 +256,21 @@ async fn serve(a: Args) -> anyhow::Result<()> {
         server.addr()
     );
     tracing::info!(addr = %server.addr(), "coatcheck ready");
+    let engine = server.engine().clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match engine.reload_keys() {
+                Ok(n) => tracing::info!(keys = n, "keys reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "keys not reloaded; the previous keys stay in force")
+                }
+            }
+        }
+    });
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down: draining in-flight calls");

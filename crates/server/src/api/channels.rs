@@ -22,6 +22,7 @@ use super::extract::{JsonBody, QueryParams, Segment};
 use super::problem::ApiError;
 use super::requests::wait_duration;
 use crate::engine::Engine;
+use crate::keys::Role;
 use crate::notify::Key;
 
 /// The routes of this file.
@@ -114,6 +115,7 @@ pub async fn receive(
     Segment(name): Segment,
     QueryParams(q): QueryParams<ReceiveQuery>,
 ) -> Result<Json<ChannelMessages>, ApiError> {
+    caller.require(Role::Client)?;
     validate::name("channel", &name)?;
     let max = q.max.unwrap_or(10);
     if !(1..=100).contains(&max) {
@@ -121,6 +123,11 @@ pub async fn receive(
     }
     let vis = visibility(q.visibility)?;
     let wait = wait_duration(&engine, q.wait)?;
+    let _permit = if wait.is_zero() {
+        None
+    } else {
+        Some(engine.stream_permit(&caller)?)
+    };
     let messages = engine
         .channel_receive(&caller.tenant, &name, max, vis, wait)
         .await?;
@@ -137,6 +144,7 @@ pub async fn ack(
     Segment(name): Segment,
     body: JsonBody<AckBody>,
 ) -> Result<Json<AckResponse>, ApiError> {
+    caller.require(Role::Client)?;
     validate::name("channel", &name)?;
     let tokens = body.value.ack_tokens;
     if tokens.is_empty() || tokens.len() > 1000 {
@@ -170,6 +178,7 @@ struct ChannelStream {
     visibility: Duration,
     auto_ack: bool,
     queue: VecDeque<Event>,
+    _permit: crate::limits::StreamPermit,
 }
 
 /// The channel's messages pushed over SSE (`event: message`, `id:` the
@@ -184,6 +193,7 @@ pub async fn events(
     Segment(name): Segment,
     QueryParams(q): QueryParams<ReceiveQuery>,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Client)?;
     validate::name("channel", &name)?;
     let st = ChannelStream {
         engine: engine.clone(),
@@ -192,6 +202,7 @@ pub async fn events(
         visibility: visibility(q.visibility)?,
         auto_ack: q.auto_ack.unwrap_or(false),
         queue: VecDeque::new(),
+        _permit: engine.stream_permit(&caller)?,
     };
     let stream = futures::stream::unfold(st, next_message);
     Ok(Sse::new(stream)

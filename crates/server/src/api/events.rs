@@ -28,6 +28,7 @@ use super::extract::Segment;
 use super::problem::ApiError;
 use super::requests::request_ref;
 use crate::engine::Engine;
+use crate::keys::Role;
 use crate::notify::{Key, Subscription};
 
 /// The routes of this file.
@@ -77,6 +78,7 @@ struct Stream_ {
     last: u64,
     queue: VecDeque<Event>,
     done: bool,
+    _permit: crate::limits::StreamPermit,
 }
 
 fn sse_event(name: &str, seq: u64, req: &Request) -> Event {
@@ -88,8 +90,19 @@ fn sse_event(name: &str, seq: u64, req: &Request) -> Event {
 
 impl Stream_ {
     /// Queues the events after `last`; marks done after the terminal one.
+    ///
+    /// `req` must have been read *before* `events`: only the events it
+    /// already reflects (`seq <= req.history_seq`) are taken; later ones
+    /// come with the next read (their change notifies the subscription
+    /// again). Fix: the history used to be read first, so a change landing
+    /// between the two reads could end the stream on a terminal `req`
+    /// without ever sending its terminal event — or, the other way round,
+    /// consume the terminal event with a non-terminal `req` and hang.
     fn push(&mut self, events: &[HistoryEvent], req: &Request) {
         for e in events {
+            if e.seq > req.history_seq {
+                break;
+            }
             self.last = e.seq;
             if let Some(name) = event_name(&e.kind) {
                 self.queue.push_back(sse_event(name, e.seq, req));
@@ -117,11 +130,13 @@ pub async fn events(
     Segment(id): Segment,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Client)?;
     let r = request_ref(&caller, id)?;
     let last = last_event_id(&headers)?;
     // Subscribe before reading, so no change between the read and the wait is lost.
     let sub = engine.notifier.subscribe(Key::Request(r.id.clone()));
     let req = engine.get(r.clone()).await?;
+    let permit = engine.stream_permit(&caller)?;
     let mut st = Stream_ {
         engine: engine.clone(),
         r: r.clone(),
@@ -129,6 +144,7 @@ pub async fn events(
         last: 0,
         queue: VecDeque::new(),
         done: false,
+        _permit: permit,
     };
     match last {
         None => {
@@ -166,11 +182,9 @@ async fn next(mut st: Stream_) -> Option<(Result<Event, Infallible>, Stream_)> {
             _ = st.sub.changed() => {}
             _ = st.engine.shutdown.cancelled() => return None,
         }
-        let events = st.engine.history(st.r.clone(), st.last).await.ok()?;
-        if events.is_empty() {
-            continue;
-        }
+        // The request first, then its history (see `push`).
         let req = st.engine.get(st.r.clone()).await.ok()?;
+        let events = st.engine.history(st.r.clone(), st.last).await.ok()?;
         st.push(&events, &req);
     }
 }

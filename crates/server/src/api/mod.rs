@@ -59,6 +59,41 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// The longest URL (path and query) accepted.
+pub const MAX_URL: usize = 8 * 1024;
+/// The most header bytes accepted.
+pub const MAX_HEADERS: usize = 32 * 1024;
+
+fn oversized(req: &Request) -> Option<ApiError> {
+    let url = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().len())
+        .unwrap_or(0);
+    if url > MAX_URL {
+        return Some(ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri-too-long",
+            "URI too long",
+            format!("the URL is longer than {MAX_URL} bytes"),
+        ));
+    }
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers > MAX_HEADERS {
+        return Some(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+            "Request headers too large",
+            format!("the headers are larger than {MAX_HEADERS} bytes"),
+        ));
+    }
+    None
+}
+
 /// Records every call's latency by route and status, and turns a bare
 /// framework rejection into a problem document as a last line of defence.
 async fn observe(State(engine): State<Arc<Engine>>, req: Request, next: Next) -> Response {
@@ -69,7 +104,19 @@ async fn observe(State(engine): State<Arc<Engine>>, req: Request, next: Next) ->
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let resp = next.run(req).await;
+    let resp = match oversized(&req) {
+        Some(refusal) => {
+            engine
+                .metrics
+                .refused(if refusal.status() == StatusCode::URI_TOO_LONG {
+                    "url_size"
+                } else {
+                    "header_size"
+                });
+            refusal.into_response()
+        }
+        None => next.run(req).await,
+    };
     let status = resp.status();
     engine
         .metrics

@@ -15,6 +15,7 @@ use utoipa::OpenApi;
 use super::auth::Caller;
 use super::problem::ApiError;
 use crate::engine::Engine;
+use crate::keys::Role;
 
 /// The routes of this file.
 pub fn router() -> Router<Arc<Engine>> {
@@ -60,8 +61,9 @@ async fn queue_infos(engine: &Engine) -> Result<Vec<QueueInfo>, ApiError> {
     responses((status = 200, body = QueuesResponse)))]
 pub async fn queues(
     State(engine): State<Arc<Engine>>,
-    _caller: Caller,
+    caller: Caller,
 ) -> Result<Json<QueuesResponse>, ApiError> {
+    caller.require(Role::Admin)?;
     Ok(Json(QueuesResponse {
         queues: queue_infos(&engine).await?,
     }))
@@ -109,7 +111,11 @@ pub async fn readyz(
 
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format")))]
-pub async fn metrics(State(engine): State<Arc<Engine>>) -> Result<Response, ApiError> {
+pub async fn metrics(
+    State(engine): State<Arc<Engine>>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
     let stats = engine.store.queue_stats(engine.now()).await?;
     let body = engine.metrics.render(&stats);
     Ok((
@@ -142,7 +148,11 @@ fn esc(s: &str) -> String {
 
 /// A plain HTML status page.
 #[utoipa::path(get, path = "/", tag = "operations", responses((status = 200, description = "A status page (HTML)")))]
-pub async fn index(State(engine): State<Arc<Engine>>) -> Result<Html<String>, ApiError> {
+pub async fn index(
+    State(engine): State<Arc<Engine>>,
+    caller: Caller,
+) -> Result<Html<String>, ApiError> {
+    caller.require(Role::Admin)?;
     let queues = queue_infos(&engine).await?;
     let mut rows = String::new();
     for q in &queues {

@@ -57,6 +57,18 @@ impl ApiError {
         )
     }
 
+    /// 429: a limit refused the call; retry after `secs`.
+    pub fn too_many(reason: &str, detail: impl Into<String>, secs: u64) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-requests",
+            "Too many requests",
+            detail,
+        )
+        .with("limit", reason)
+        .header(header::RETRY_AFTER, &secs.max(1).to_string())
+    }
+
     /// Adds an extension member.
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.extensions.insert(key.to_string(), value.into());

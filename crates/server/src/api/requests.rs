@@ -22,6 +22,7 @@ use super::auth::Caller;
 use super::extract::{JsonBody, QueryParams, Segment};
 use super::problem::ApiError;
 use crate::engine::Engine;
+use crate::keys::Role;
 
 /// The routes of this file.
 pub fn router() -> Router<Arc<Engine>> {
@@ -206,6 +207,10 @@ pub async fn submit(
     headers: HeaderMap,
     body: JsonBody<SubmitBody>,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Client)?;
+    caller.require_queue(&queue)?;
+    validate::name("queue", &queue)?;
+    engine.admit_submit(&caller, &queue).await?;
     let idem = idempotency_key(&headers)?;
     let wait = prefer_wait(&headers);
     let new = new_request(&engine, &caller.tenant, &queue, body.value)?;
@@ -311,6 +316,7 @@ pub async fn status(
     Segment(id): Segment,
     QueryParams(q): QueryParams<WaitQuery>,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Client)?;
     let r = request_ref(&caller, id)?;
     let wait = wait_duration(&engine, q.wait)?;
     let req = engine
@@ -328,6 +334,7 @@ pub async fn result(
     caller: Caller,
     Segment(id): Segment,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Client)?;
     let r = request_ref(&caller, id)?;
     let req = engine.get(r).await?;
     match req.status {
@@ -367,6 +374,7 @@ pub async fn history(
     caller: Caller,
     Segment(id): Segment,
 ) -> Result<Json<HistoryResponse>, ApiError> {
+    caller.require(Role::Client)?;
     let r = request_ref(&caller, id)?;
     Ok(Json(HistoryResponse {
         events: engine.history(r, 0).await?,
@@ -382,6 +390,7 @@ pub async fn cancel(
     caller: Caller,
     Segment(id): Segment,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Client)?;
     let r = request_ref(&caller, id)?;
     let (outcome, req) = engine.cancel(r).await?;
     let code = match outcome {
@@ -438,6 +447,7 @@ pub async fn list(
     caller: Caller,
     QueryParams(q): QueryParams<ListQuery>,
 ) -> Result<Json<ListResponse>, ApiError> {
+    caller.require(Role::Client)?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(Invalid::new("limit", "must be between 1 and 1000").into());
@@ -490,6 +500,7 @@ pub async fn redrive(
     caller: Caller,
     Segment(id): Segment,
 ) -> Result<Json<Request>, ApiError> {
+    caller.require(Role::Admin)?;
     let r = request_ref(&caller, id)?;
     Ok(Json(engine.redrive(r).await?))
 }

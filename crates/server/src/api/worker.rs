@@ -14,13 +14,14 @@ use coatcheck_core::wire::{
     HeartbeatResponse, SettlementResult, SettlementsBody, SettlementsResponse,
 };
 use coatcheck_core::{ErrorInfo, Request};
-use coatcheck_store::{HeartbeatParams, SettleParams, Settlement};
+use coatcheck_store::{HeartbeatParams, RequestRef, SettleParams, Settlement};
 
 use super::auth::Caller;
 use super::extract::{JsonBody, Segment};
 use super::problem::ApiError;
 use super::requests::{request_ref, wait_duration};
 use crate::engine::Engine;
+use crate::keys::Role;
 
 /// The routes of this file.
 pub fn router() -> Router<Arc<Engine>> {
@@ -30,6 +31,23 @@ pub fn router() -> Router<Arc<Engine>> {
         .route("/v1/requests/{id}/heartbeat", post(heartbeat))
         .route("/v1/requests/{id}/complete", post(complete))
         .route("/v1/requests/{id}/fail", post(fail))
+}
+
+/// A request a worker key names: with a queue allowlist, a request on
+/// another queue is not there (404).
+async fn worker_request(
+    engine: &Engine,
+    caller: &Caller,
+    id: String,
+) -> Result<RequestRef, ApiError> {
+    let r = request_ref(caller, id)?;
+    if caller.queues.is_some() {
+        let req = engine.get(r.clone()).await?;
+        if !caller.may_use(&req.queue) {
+            return Err(ApiError::not_found("the request"));
+        }
+    }
+    Ok(r)
 }
 
 fn lease_token(t: &str) -> Result<(), Invalid> {
@@ -73,10 +91,12 @@ fn fail_settlement(
     responses((status = 200, body = ClaimResponse), (status = 400, body = coatcheck_core::wire::Problem)))]
 pub async fn claim(
     State(engine): State<Arc<Engine>>,
-    _caller: Caller,
+    caller: Caller,
     Segment(queue): Segment,
     body: JsonBody<ClaimBody>,
 ) -> Result<Json<ClaimResponse>, ApiError> {
+    caller.require(Role::Worker)?;
+    caller.require_queue(&queue)?;
     let b = body.value;
     validate::name("queue", &queue)?;
     if b.worker_id.is_empty() {
@@ -95,6 +115,11 @@ pub async fn claim(
         None => engine.config.default_lease,
     };
     let wait = wait_duration(&engine, b.wait)?;
+    let _permit = if wait.is_zero() {
+        None
+    } else {
+        Some(engine.stream_permit(&caller)?)
+    };
     let got = engine.claim(&queue, &b.worker_id, max, lease, wait).await?;
     let requests = got
         .iter()
@@ -113,7 +138,8 @@ pub async fn heartbeat(
     Segment(id): Segment,
     body: JsonBody<HeartbeatBody>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
-    let r = request_ref(&caller, id)?;
+    caller.require(Role::Worker)?;
+    let r = worker_request(&engine, &caller, id).await?;
     let b = body.value;
     lease_token(&b.lease_token)?;
     let extend = match validate::opt_duration("extend", b.extend)? {
@@ -152,7 +178,8 @@ pub async fn complete(
     Segment(id): Segment,
     body: JsonBody<CompleteBody>,
 ) -> Result<Json<Request>, ApiError> {
-    let r = request_ref(&caller, id)?;
+    caller.require(Role::Worker)?;
+    let r = worker_request(&engine, &caller, id).await?;
     let b = body.value;
     lease_token(&b.lease_token)?;
     let item = SettleParams {
@@ -174,7 +201,8 @@ pub async fn fail(
     Segment(id): Segment,
     body: JsonBody<FailBody>,
 ) -> Result<Json<Request>, ApiError> {
-    let r = request_ref(&caller, id)?;
+    caller.require(Role::Worker)?;
+    let r = worker_request(&engine, &caller, id).await?;
     let b = body.value;
     lease_token(&b.lease_token)?;
     let settlement = fail_settlement(b.error, b.retryable, b.retry_after)?;
@@ -197,6 +225,8 @@ pub async fn settlements(
     Segment(queue): Segment,
     body: JsonBody<SettlementsBody>,
 ) -> Result<Json<SettlementsResponse>, ApiError> {
+    caller.require(Role::Worker)?;
+    caller.require_queue(&queue)?;
     validate::name("queue", &queue)?;
     let items = body.value.items;
     if items.is_empty() || items.len() > 100 {

@@ -4,9 +4,14 @@
 
 mod claims;
 mod failures;
+mod fallback;
 mod helpers;
 mod list;
 mod ops;
+mod replies_channels;
+mod replies_sse;
+mod replies_webhooks;
 mod smoke;
 mod status;
 mod submit;
+mod timing;

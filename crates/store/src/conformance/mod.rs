@@ -41,8 +41,10 @@ use coatcheck_core::rules::NewRequest;
 use crate::Store;
 
 pub mod cancel;
+pub mod channel;
 pub mod claim;
 pub mod deadline;
+pub mod fairness;
 pub mod history;
 pub mod lease;
 pub mod list;
@@ -51,6 +53,7 @@ pub mod settle;
 pub mod stats;
 pub mod submit;
 mod support;
+pub mod webhook;
 
 /// The tenant [`new_request`] submits as.
 pub const TENANT: &str = "t1";
@@ -152,6 +155,13 @@ macro_rules! conformance_suite {
                 concurrent_claims_never_lease_one_request_twice,
                 claim_counts_an_attempt_and_records_history,
             }
+            fairness {
+                claims_rotate_across_fairness_keys,
+                one_batch_claim_rotates_across_keys,
+                priority_comes_before_fairness,
+                weights_give_a_key_more_turns,
+                a_capped_key_waits_for_its_running_requests,
+            }
             lease {
                 heartbeat_extends_the_lease_and_records_progress,
                 heartbeat_with_stale_token_is_lease_lost,
@@ -201,6 +211,25 @@ macro_rules! conformance_suite {
             stats {
                 queue_stats_counts_by_status,
                 due_times_report_the_earliest_lease_deadline_and_run_after,
+            }
+            channel {
+                terminal_transition_appends_exactly_one_reply,
+                failed_cancelled_and_expired_requests_reply,
+                receive_hides_then_redelivers_after_visibility,
+                ack_with_the_current_token_removes_the_message,
+                ack_with_a_stale_token_keeps_the_message,
+                channels_are_per_tenant_and_name,
+                receive_respects_max_oldest_first,
+                channel_purge_deletes_only_older_messages,
+                due_times_report_when_a_received_message_becomes_visible,
+                fallback_chain_replies_once_for_its_last_request,
+            }
+            webhook {
+                webhook_reply_creates_a_delivery_taken_under_a_lease,
+                webhook_record_retries_then_delivers,
+                webhook_record_without_next_attempt_fails_for_good,
+                webhook_deliveries_only_for_terminal_transitions,
+                fallback_chain_delivers_once_for_its_last_request,
             }
         }
     };

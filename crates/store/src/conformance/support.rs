@@ -108,6 +108,7 @@ pub(crate) async fn claim(
     now: Ts,
 ) -> Vec<Request> {
     let p = ClaimParams {
+        fairness: Default::default(),
         queue: queue.to_string(),
         worker_id: worker.to_string(),
         max,
