@@ -322,7 +322,13 @@ pub struct ReplyMessage {
 }
 
 /// One message received from a reply channel.
+///
+/// Fix: read through `ChannelMessageWire` — with `#[serde(flatten)]` serde
+/// buffers the fields, and the raw `output` cannot be read back from that
+/// buffer, so every message with an output failed to deserialize (the SDK's
+/// channel consumer could not read what the server wrote).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "ChannelMessageWire")]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChannelMessage {
     /// The reply message.
@@ -333,6 +339,44 @@ pub struct ChannelMessage {
     pub ack_token: String,
     /// How many times it has been delivered (1 the first time).
     pub delivery_count: u32,
+}
+
+/// The flat wire form of a [`ChannelMessage`], for reading it.
+#[derive(Deserialize)]
+struct ChannelMessageWire {
+    message_id: String,
+    request_id: String,
+    #[serde(default)]
+    correlation_id: Option<String>,
+    queue: String,
+    status: Status,
+    #[serde(default)]
+    output: Option<Box<RawValue>>,
+    #[serde(default)]
+    error: Option<ErrorInfo>,
+    #[serde(default)]
+    finished_at: Option<DateTime<Utc>>,
+    ack_token: String,
+    delivery_count: u32,
+}
+
+impl From<ChannelMessageWire> for ChannelMessage {
+    fn from(w: ChannelMessageWire) -> Self {
+        ChannelMessage {
+            message: ReplyMessage {
+                message_id: w.message_id,
+                request_id: w.request_id,
+                correlation_id: w.correlation_id,
+                queue: w.queue,
+                status: w.status,
+                output: w.output,
+                error: w.error,
+                finished_at: w.finished_at,
+            },
+            ack_token: w.ack_token,
+            delivery_count: w.delivery_count,
+        }
+    }
 }
 
 /// `GET /v1/channels/{name}/messages`.
@@ -360,4 +404,28 @@ pub struct AckResponse {
     /// Tokens that match no message held under them (already acked, or
     /// their visibility ran out and the message was delivered again).
     pub not_found: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_messages_read_back_what_is_written() {
+        let text = r#"{"messages":[{"message_id":"m","request_id":"r","correlation_id":"c","queue":"q","status":"succeeded","output":{"x": [1, 2]},"error":null,"finished_at":"2026-01-02T03:04:05.000006Z","ack_token":"t","delivery_count":2}]}"#;
+        let got: ChannelMessages = serde_json::from_str(text).expect("reads");
+        let m = &got.messages[0];
+        assert_eq!(
+            m.message.output.as_ref().map(|o| o.get()),
+            Some(r#"{"x": [1, 2]}"#)
+        );
+        assert_eq!((m.ack_token.as_str(), m.delivery_count), ("t", 2));
+        assert_eq!(m.message.correlation_id.as_deref(), Some("c"));
+        let again = serde_json::to_string(&got).expect("writes");
+        let back: ChannelMessages = serde_json::from_str(&again).expect("reads again");
+        assert_eq!(serde_json::to_string(&back).unwrap(), again);
+        let failed = r#"{"message_id":"m","request_id":"r","queue":"q","status":"failed","error":{"message":"x"},"ack_token":"t","delivery_count":1}"#;
+        let m: ChannelMessage = serde_json::from_str(failed).expect("reads without output");
+        assert!(m.message.output.is_none() && m.message.error.is_some());
+    }
 }

@@ -138,7 +138,8 @@ pub struct Attempt {
     pub http_status: Option<u16>,
     /// What went wrong.
     pub message: String,
-    /// Retrying is pointless (410 Gone, or a target refused by the guard).
+    /// Retrying is pointless (410 Gone). A target the guard refuses is
+    /// retried on the schedule: DNS may change back.
     pub permanent: bool,
 }
 
@@ -159,6 +160,11 @@ pub async fn attempt(
         message,
         permanent,
     };
+    if secrets.is_empty() {
+        // Never send an unsigned reply; retried on the schedule in case the
+        // server is restarted with a secret.
+        return fail("the server has no --webhook-secret to sign with".into(), false);
+    }
     let (u, addrs) = match resolve_target(url, allow_private).await {
         Ok(t) => t,
         Err(e) => return fail(format!("target refused: {e}"), false),

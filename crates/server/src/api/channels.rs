@@ -177,7 +177,10 @@ struct ChannelStream {
     channel: String,
     visibility: Duration,
     auto_ack: bool,
-    queue: VecDeque<Event>,
+    queue: VecDeque<(Event, String)>,
+    /// With auto_ack: tokens of messages already handed to the stream,
+    /// acknowledged before the next receive.
+    written: Vec<String>,
     _permit: crate::limits::StreamPermit,
 }
 
@@ -202,6 +205,7 @@ pub async fn events(
         visibility: visibility(q.visibility)?,
         auto_ack: q.auto_ack.unwrap_or(false),
         queue: VecDeque::new(),
+        written: Vec::new(),
         _permit: engine.stream_permit(&caller)?,
     };
     let stream = futures::stream::unfold(st, next_message);
@@ -212,33 +216,30 @@ pub async fn events(
 
 async fn next_message(mut st: ChannelStream) -> Option<(Result<Event, Infallible>, ChannelStream)> {
     loop {
-        if let Some(e) = st.queue.pop_front() {
+        if let Some((e, token)) = st.queue.pop_front() {
+            if st.auto_ack {
+                st.written.push(token);
+            }
             return Some((Ok(e), st));
+        }
+        // Everything handed to the stream so far is written: with auto_ack
+        // it is removed now, before anything else is received.
+        if !st.written.is_empty() {
+            let tokens = std::mem::take(&mut st.written);
+            let now = st.engine.now();
+            st.engine.store.channel_ack(st.tenant.clone(), st.channel.clone(), tokens, now).await.ok()?;
         }
         if st.engine.shutdown.is_cancelled() {
             return None;
         }
         let wait = st.engine.config.max_wait;
-        let got = st
-            .engine
-            .channel_receive(&st.tenant, &st.channel, 10, st.visibility, wait)
-            .await
-            .ok()?;
-        if st.auto_ack && !got.is_empty() {
-            let tokens = got.iter().map(|m| m.ack_token.clone()).collect();
-            let now = st.engine.now();
-            st.engine
-                .store
-                .channel_ack(st.tenant.clone(), st.channel.clone(), tokens, now)
-                .await
-                .ok()?;
-        }
+        let got = st.engine.channel_receive(&st.tenant, &st.channel, 10, st.visibility, wait).await.ok()?;
         for m in got {
             let ev = Event::default()
                 .event("message")
                 .id(m.message.message_id.clone())
                 .data(serde_json::to_string(&m).unwrap_or_default());
-            st.queue.push_back(ev);
+            st.queue.push_back((ev, m.ack_token));
         }
     }
 }
