@@ -31,6 +31,11 @@ enum Command {
     Cancel(cmd::cancel::Args),
     /// Show the queues: counts by status, oldest queued age, claim rate.
     Queues(cmd::queues::Args),
+    /// Run a program as a worker: each request's input on its stdin, its
+    /// stdout as the output (`coatcheck worker --queue Q -- CMD ARGS…`).
+    Worker(cmd::worker::Args),
+    /// Tail a reply channel: print each reply message, ack it once printed.
+    Channel(cmd::channel::Args),
     /// Make API keys for the keys file.
     Keys(cmd::keys::Args),
     /// Measure the echo request-reply workload (server, worker and client
@@ -50,6 +55,8 @@ fn main() {
         Command::Wait(a) => cmd::client_main(|| cmd::wait::run(a)),
         Command::Cancel(a) => cmd::client_main(|| cmd::cancel::run(a)),
         Command::Queues(a) => cmd::client_main(|| cmd::queues::run(a)),
+        Command::Worker(a) => cmd::worker::main(a),
+        Command::Channel(a) => cmd::client_main(|| cmd::channel::run(a)),
         Command::Keys(a) => cmd::keys::main(a),
         Command::Bench(a) => cmd::multi_thread_main(|| cmd::bench::run(a)),
         Command::BenchWorker(a) => cmd::multi_thread_main(|| cmd::bench::worker(a)),

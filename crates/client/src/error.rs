@@ -39,6 +39,10 @@ pub enum Error {
     /// does not deserialize into the type the caller asked for.
     #[error("cannot decode: {0}")]
     Decode(String),
+    /// A stream ([`crate::Client::events`], [`crate::Channel::messages`]) was
+    /// cut off and could not be resumed.
+    #[error("stream interrupted: {0}")]
+    Interrupted(String),
     /// The client-side pending journal could not be read or written.
     #[error("journal: {0}")]
     Journal(String),
@@ -85,6 +89,7 @@ impl Error {
         match self {
             Error::Transport(e) => !e.is_builder() && !e.is_decode(),
             Error::Api { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            Error::Interrupted(_) => true,
             _ => false,
         }
     }

@@ -55,6 +55,40 @@
 //! Return [`HandlerError::fatal`] for failures no retry can fix and
 //! [`HandlerError::retryable`] (or any `std::error::Error` via `?`) for the rest.
 //!
+//! ## Every way a reply comes back
+//!
+//! - **Wait** (long-poll): [`Client::wait`], [`Client::wait_result`].
+//! - **Follow** it as it changes (Server-Sent Events, resumed by itself
+//!   after a dropped connection): [`Client::events`].
+//!
+//!   ```no_run
+//!   # use futures::StreamExt;
+//!   # async fn demo(client: coatcheck_client::Client, id: &str) -> coatcheck_client::Result<()> {
+//!   let mut events = client.events(id);
+//!   while let Some(event) = events.next().await {
+//!       let event = event?; // status or progress, with the whole request
+//!       println!("{:?} {} {:?}", event.kind, event.request.status, event.request.progress);
+//!   }
+//!   # Ok(()) }
+//!   ```
+//! - **A reply channel**, the durable return address: submit with
+//!   `reply_to(ReplyTo::Channel(..))`, consume with [`Client::channel`] and
+//!   ack each [`Delivery`] (at-least-once).
+//!
+//!   ```no_run
+//!   # use futures::StreamExt;
+//!   # async fn demo(client: coatcheck_client::Client) -> coatcheck_client::Result<()> {
+//!   let mut replies = client.channel("my-replies").messages();
+//!   while let Some(reply) = replies.next().await {
+//!       let reply = reply?;
+//!       println!("{} {:?}", reply.message.request_id, reply.message.output);
+//!       reply.ack().await?;
+//!   }
+//!   # Ok(()) }
+//!   ```
+//! - **A signed webhook** the server POSTs to you: check it with
+//!   [`webhook::verify`] (Standard Webhooks).
+//!
 //! ## Errors
 //!
 //! Every call returns [`Error`]; a non-2xx answer is [`Error::Api`] with the
@@ -65,6 +99,10 @@
 //! - `client`: [`Client`], [`ClientBuilder`], the request calls and the raw
 //!   worker calls; `submit`: [`SubmitBuilder`], [`Submitted`]; `list`:
 //!   [`ListQuery`] and the paginating stream.
+//! - [`events`]: [`Client::events`] and [`RequestEvent`]; `channel`:
+//!   [`Client::channel`], [`Channel`], [`Delivery`] and the raw
+//!   [`Client::channel_receive`] / [`Client::channel_ack`]; [`webhook`]:
+//!   verifying signed webhook replies.
 //! - [`journal`]: the client-side pending journal.
 //! - `worker`: [`Worker`], [`Job`], [`HandlerError`], [`WorkerEvent`].
 //! - `error`: [`Error`]; `http` and `backoff`: transport details.
@@ -75,16 +113,22 @@
 #![warn(missing_docs)]
 
 mod backoff;
+mod channel;
 mod client;
 mod error;
+pub mod events;
 mod http;
 pub mod journal;
 mod list;
+mod sse;
 mod submit;
+pub mod webhook;
 mod worker;
 
+pub use channel::{Channel, Deliveries, Delivery};
 pub use client::{CancelOutcome, Client, ClientBuilder};
 pub use error::{Error, Result};
+pub use events::{RequestEvent, RequestEventKind, RequestEvents};
 pub use journal::PendingEntry;
 pub use list::ListQuery;
 pub use submit::{SubmitBuilder, Submitted};

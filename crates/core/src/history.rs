@@ -48,7 +48,7 @@ pub enum EventKind {
     /// A worker reported progress.
     Progress {
         /// The progress JSON as the worker sent it.
-        #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+        #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
         progress: serde_json::Value,
     },
     /// An attempt failed and the request was put back in the queue.

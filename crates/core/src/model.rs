@@ -87,12 +87,17 @@ impl std::fmt::Display for Status {
 pub struct ErrorInfo {
     /// A short machine-readable code, e.g. `timeout`, `cancelled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 128, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$")
+    )]
     pub code: Option<String>,
     /// A human-readable message.
+    #[cfg_attr(feature = "openapi", schema(max_length = 65536))]
     pub message: String,
     /// Anything else the worker wanted to say, as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub details: Option<serde_json::Value>,
 }
 
@@ -155,18 +160,18 @@ pub struct Request {
     #[serde(default)]
     pub correlation_id: Option<String>,
     /// The input as the client sent it.
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub input: Box<RawValue>,
     /// The output, once succeeded.
     #[serde(default)]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub output: Option<Box<RawValue>>,
     /// Why it failed, was cancelled or expired.
     #[serde(default)]
     pub error: Option<ErrorInfo>,
     /// The last progress a worker reported.
     #[serde(default)]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub progress: Option<Box<RawValue>>,
     /// Higher runs first.
     #[serde(default)]

@@ -15,34 +15,50 @@ use chrono::{DateTime, Utc};
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SubmitBody {
     /// Any JSON; stored and handed to the worker byte for byte.
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub input: Box<RawValue>,
-    /// The client's own correlation id, echoed in every reply.
+    /// The client's own correlation id, echoed in every reply (at most 256
+    /// bytes, no control characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$")
+    )]
     pub correlation_id: Option<String>,
     /// Higher runs first (default 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
     /// Seconds before it may be claimed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 315360000))]
     pub delay: Option<f64>,
     /// Seconds until its deadline; then it expires if not finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 315360000))]
     pub timeout: Option<f64>,
-    /// Attempts before it is dead-lettered (default 3).
+    /// Attempts before it is dead-lettered, 1..1000 (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000))]
     pub max_attempts: Option<u32>,
     /// The return address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<ReplyTo>,
-    /// String → string bookkeeping.
+    /// String → string bookkeeping (at most 64 entries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
     /// On dead-letter, resubmit the same input to this queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    )]
     pub fallback_queue: Option<String>,
     /// Claims rotate across fairness keys (default: the tenant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 128, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$")
+    )]
     pub fairness_key: Option<String>,
 }
 
@@ -51,15 +67,27 @@ pub struct SubmitBody {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClaimBody {
     /// Who is claiming (for history and debugging).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 256,
+            pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
+        )
+    )]
     pub worker_id: String,
     /// At most this many requests, 1..100 (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100))]
     pub max: Option<u32>,
-    /// Lease length in seconds (default 30).
+    /// Lease length in seconds, at least 1 ms (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.001, maximum = 315360000))]
     pub lease: Option<f64>,
-    /// Long-poll up to this many seconds for work (default 0; capped).
+    /// Long-poll up to this many seconds for work (default 0; a wait above
+    /// the server's cap is clamped to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
     pub wait: Option<f64>,
 }
 
@@ -72,7 +100,7 @@ pub struct ClaimedRequest {
     /// Its queue.
     pub queue: String,
     /// Its input, as submitted.
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub input: Box<RawValue>,
     /// Which attempt this is (1-based).
     pub attempt: u32,
@@ -123,13 +151,15 @@ pub struct ClaimResponse {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatBody {
     /// The lease token from the claim.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub lease_token: String,
     /// Progress to record, any JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub progress: Option<Box<RawValue>>,
     /// Renew the lease to now + this many seconds (default: the lease's length).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.001, maximum = 315360000))]
     pub extend: Option<f64>,
 }
 
@@ -148,10 +178,11 @@ pub struct HeartbeatResponse {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompleteBody {
     /// The lease token from the claim.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub lease_token: String,
     /// The output, any JSON (default null).
     #[serde(default = "json_null")]
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub output: Box<RawValue>,
 }
 
@@ -160,6 +191,7 @@ pub struct CompleteBody {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FailBody {
     /// The lease token from the claim.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub lease_token: String,
     /// What went wrong.
     pub error: ErrorInfo,
@@ -168,6 +200,7 @@ pub struct FailBody {
     pub retryable: Option<bool>,
     /// Seconds before the next attempt (default: the backoff policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 315360000))]
     pub retry_after: Option<f64>,
 }
 
@@ -179,10 +212,11 @@ pub struct SettlementItem {
     /// The request id.
     pub id: String,
     /// The lease token from the claim.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub lease_token: String,
     /// Set for a complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub output: Option<Box<RawValue>>,
     /// Set for a fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,6 +226,7 @@ pub struct SettlementItem {
     pub retryable: Option<bool>,
     /// For a fail: seconds before the next attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 315360000))]
     pub retry_after: Option<f64>,
 }
 
@@ -200,6 +235,7 @@ pub struct SettlementItem {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SettlementsBody {
     /// 1..100 items.
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 100))]
     pub items: Vec<SettlementItem>,
 }
 
@@ -313,7 +349,7 @@ pub struct ReplyMessage {
     /// The terminal status.
     pub status: Status,
     /// The output, when succeeded.
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub output: Option<Box<RawValue>>,
     /// The error, when failed, cancelled or expired.
     pub error: Option<ErrorInfo>,
@@ -392,6 +428,7 @@ pub struct ChannelMessages {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AckBody {
     /// Tokens from received messages (1..1000).
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 1000))]
     pub ack_tokens: Vec<String>,
 }
 

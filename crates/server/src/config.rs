@@ -22,6 +22,18 @@ pub enum StoreConfig {
     },
 }
 
+/// TLS: the server's certificate chain and private key, PEM files
+/// (`--tls-cert`, `--tls-key`). Read at start and again on
+/// [`crate::Server::reload_tls`] (SIGHUP), so renewed certificates take
+/// effect without a restart.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (PEM).
+    pub cert_path: PathBuf,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
+}
+
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -64,6 +76,14 @@ pub struct Config {
     pub limits: crate::limits::LimitsConfig,
     /// How claims share a queue among fairness keys (weights, caps).
     pub fairness: Arc<coatcheck_store::FairnessRules>,
+    /// Serve HTTPS with this certificate (`None`: plain HTTP).
+    pub tls: Option<TlsConfig>,
+    /// How long a client may take to send a request's headers, and how long
+    /// an idle keep-alive connection (or a TLS handshake) is kept open;
+    /// then the connection is closed. Slow-loris protection.
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body; then `408`.
+    pub body_read_timeout: Duration,
 }
 
 /// The default webhook retry schedule (Svix's): 5 s, 5 min, 30 min, 2 h,
@@ -97,6 +117,9 @@ impl Config {
             keys_file: None,
             limits: crate::limits::LimitsConfig::new(),
             fairness: Default::default(),
+            tls: None,
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct Engine {
     keys: std::sync::RwLock<Arc<Keys>>,
     /// Rate, depth and stream limits.
     pub limiter: crate::limits::Limiter,
+    /// Issues and checks list page tokens (keyed by a store secret).
+    pub page_tokens: crate::api::page_token::PageTokens,
 }
 
 impl std::fmt::Debug for Engine {
@@ -56,7 +58,15 @@ impl Engine {
             shutdown,
             keys: Default::default(),
             limiter: Default::default(),
+            page_tokens: crate::api::page_token::PageTokens::random(),
         }
+    }
+
+    /// Signs page tokens with `key` (the store's page-token secret, so
+    /// tokens stay valid across restarts and nodes) instead of a random key.
+    pub fn with_page_key(mut self, key: &[u8]) -> Self {
+        self.page_tokens = crate::api::page_token::PageTokens::new(key);
+        self
     }
 
     /// The keys in force.
@@ -355,6 +365,10 @@ impl Engine {
                         self.timers.expirer.hint(t);
                     }
                 }
+                Ok(RemoteChange::Channel { tenant, channel }) => {
+                    self.notifier.notify(&Key::Channel(tenant, channel));
+                }
+                Ok(RemoteChange::Webhook { due }) => self.timers.webhooks.hint(due),
                 // Missed some (lagged, or the store re-established its feed):
                 // everyone re-checks.
                 Ok(RemoteChange::Resync)

@@ -102,6 +102,22 @@ pub fn new_key() -> String {
     )
 }
 
+/// A TOML error as "line L, column C: message". toml's own `Display`
+/// quotes the offending source line, which may hold a key's secret, and
+/// this text ends up in the log (a failed SIGHUP reload) — so it is not used.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!("line {line}, column {column}: {msg}")
+        }
+        None => msg,
+    }
+}
+
 fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -116,7 +132,7 @@ impl Keys {
 
     /// Parses keys-file text.
     pub fn parse(text: &str) -> Result<Keys, String> {
-        let file: File = toml::from_str(text).map_err(|e| e.to_string().replace('\n', " "))?;
+        let file: File = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         let mut entries = Vec::with_capacity(file.key.len());
         for (i, k) in file.key.into_iter().enumerate() {
             let name = k.name.unwrap_or_else(|| format!("key-{}", i + 1));
@@ -149,6 +165,14 @@ impl Keys {
                     coatcheck_core::validate::name("queues", q)
                         .map_err(|e| format!("{name}: {e}"))?;
                 }
+            }
+            // Names key the per-key stream slots and the logs; a repeated
+            // secret would make the role depend on the order of entries.
+            if entries.iter().any(|e: &KeyEntry| e.name == name) {
+                return Err(format!("{name}: two keys have this name"));
+            }
+            if entries.iter().any(|e: &KeyEntry| ct_eq(&e.digest, &digest)) {
+                return Err(format!("{name}: the same key is listed twice"));
             }
             entries.push(KeyEntry {
                 name,
@@ -217,9 +241,23 @@ mod tests {
             ("[[key]]\nsecret = \"0123456789abcdef\"\nrole = \"root\"\ntenant = \"t\"\n", "unknown variant"),
             ("[[key]]\nhash = \"md5:00\"\nrole = \"client\"\ntenant = \"t\"\n", "sha256"),
             ("[[key]]\nsecret = \"0123456789abcdef\"\nrole = \"client\"\ntenant = \"t\"\nqueues = [\"a b\"]\n", "queues"),
+            ("[[key]]\nname = \"k\"\nsecret = \"0123456789abcdef\"\nrole = \"client\"\ntenant = \"t\"\n\
+              [[key]]\nname = \"k\"\nsecret = \"0123456789abcdefg\"\nrole = \"client\"\ntenant = \"t\"\n", "two keys have this name"),
+            ("[[key]]\nsecret = \"0123456789abcdef\"\nrole = \"client\"\ntenant = \"t\"\n\
+              [[key]]\nsecret = \"0123456789abcdef\"\nrole = \"admin\"\ntenant = \"t\"\n", "listed twice"),
         ] {
             let e = Keys::parse(text).unwrap_err();
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn parse_errors_never_quote_the_file() {
+        // A syntax error on a secret's line: the error names the place only.
+        let text =
+            "[[key]]\nrole = \"client\"\ntenant = \"t\"\nsecret = \"ck_do_not_log_me_0123\" oops\n";
+        let e = Keys::parse(text).unwrap_err();
+        assert!(!e.contains("ck_do_not_log_me"), "{e}");
+        assert!(e.starts_with("line 4, column "), "{e}");
     }
 }

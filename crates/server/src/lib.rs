@@ -24,6 +24,7 @@ pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod notify;
+pub mod serve;
 pub mod tasks;
 pub mod webhook;
 
@@ -39,7 +40,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Config, StoreConfig};
+pub use config::{Config, StoreConfig, TlsConfig};
 pub use engine::Engine;
 
 /// Opens the configured store (applying migrations, taking locks).
@@ -64,6 +65,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 pub struct Server {
     engine: Arc<Engine>,
     addr: SocketAddr,
+    tls: Option<Arc<serve::Tls>>,
     handle: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -82,8 +84,10 @@ impl Server {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Server> {
+        // A bad certificate is refused before the store is opened (and locked).
+        let tls = load_tls(&config)?;
         let store = open_store(&config).await?;
-        Self::start_with_store(store, config, listener, shutdown).await
+        Self::launch(store, config, listener, shutdown, tls).await
     }
 
     /// Like [`Server::start`] over an already opened store.
@@ -93,9 +97,25 @@ impl Server {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Server> {
+        let tls = load_tls(&config)?;
+        Self::launch(store, config, listener, shutdown, tls).await
+    }
+
+    async fn launch(
+        store: Arc<dyn Store>,
+        config: Config,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        tls: Option<Arc<serve::Tls>>,
+    ) -> anyhow::Result<Server> {
         let addr = listener.local_addr().context("listener has no address")?;
         let grace = config.shutdown_grace;
-        let engine = Arc::new(Engine::new(store, config, shutdown.clone()));
+        let page_key = store
+            .store_secret(api::page_token::SECRET_NAME)
+            .await
+            .context("cannot read the page-token key from the store")?;
+        let engine =
+            Arc::new(Engine::new(store, config, shutdown.clone()).with_page_key(&page_key));
         engine.reload_keys().map_err(|e| anyhow::anyhow!(e))?;
         let tasks = TaskTracker::new();
         tasks.spawn(tasks::reaper::run(engine.clone()));
@@ -107,19 +127,11 @@ impl Server {
         tasks.close();
         let app = api::router(engine.clone());
         let e = engine.clone();
+        let serving_tls = tls.clone();
         let handle = tokio::spawn(async move {
-            let serve = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-            let serve = tokio::spawn(async move { serve.await });
-            shutdown.cancelled().await;
-            // Long-polls answer at once (they watch the same token); give
-            // in-flight calls the grace period to finish.
-            match tokio::time::timeout(grace, serve).await {
-                Ok(res) => res
-                    .context("server task failed")?
-                    .context("serving failed")?,
-                Err(_) => tracing::warn!("in-flight calls did not finish within the grace period"),
-            }
+            // Serves until `shutdown`, then drains: long-polls answer at once
+            // (they watch the same token); in-flight calls get the grace period.
+            serve::run(listener, app, serving_tls, e.clone(), shutdown, grace).await;
             tasks.wait().await;
             e.store.store_close().await;
             Ok(())
@@ -127,8 +139,35 @@ impl Server {
         Ok(Server {
             engine,
             addr,
+            tls,
             handle,
         })
+    }
+
+    /// Whether it serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The base URL it serves on, `http://` or `https://` and its address.
+    pub fn url(&self) -> String {
+        let scheme = if self.is_tls() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The TLS side (`None` without TLS), to reload it from another task.
+    pub fn tls(&self) -> Option<Arc<serve::Tls>> {
+        self.tls.clone()
+    }
+
+    /// Reads the TLS certificate and key files again (on SIGHUP): new
+    /// connections get the new certificate. `Ok(false)` without TLS; on
+    /// error the certificate in force stays.
+    pub fn reload_tls(&self) -> anyhow::Result<bool> {
+        match &self.tls {
+            Some(t) => t.reload().map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// The engine (tests use it to move a manual clock).
@@ -145,6 +184,14 @@ impl Server {
     pub async fn join(self) -> anyhow::Result<()> {
         self.handle.await.context("server task panicked")?
     }
+}
+
+fn load_tls(config: &Config) -> anyhow::Result<Option<Arc<serve::Tls>>> {
+    config
+        .tls
+        .as_ref()
+        .map(|t| serve::Tls::load(t).map(Arc::new))
+        .transpose()
 }
 
 /// Serves until `shutdown` fires, then drains and closes the store.

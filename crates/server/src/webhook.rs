@@ -163,7 +163,10 @@ pub async fn attempt(
     if secrets.is_empty() {
         // Never send an unsigned reply; retried on the schedule in case the
         // server is restarted with a secret.
-        return fail("the server has no --webhook-secret to sign with".into(), false);
+        return fail(
+            "the server has no --webhook-secret to sign with".into(),
+            false,
+        );
     }
     let (u, addrs) = match resolve_target(url, allow_private).await {
         Ok(t) => t,

@@ -292,4 +292,9 @@ impl Store for SqliteStore {
             })
             .await
     }
+
+    async fn store_secret(&self, name: &str) -> Result<Vec<u8>> {
+        let name = name.to_string();
+        self.write(|tx| Cmd::Secret(name, tx)).await
+    }
 }

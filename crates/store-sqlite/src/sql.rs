@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_replies.sql"),
     include_str!("../migrations/0003_fairness.sql"),
+    include_str!("../migrations/0004_secrets.sql"),
 ];
 
 const COLUMNS: &str = "id, tenant, queue, status, priority, attempts, max_attempts, cancel_requested, \

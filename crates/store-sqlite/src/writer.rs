@@ -43,6 +43,7 @@ pub enum Cmd {
     ChannelPurge(Ts, u32, Reply<u64>),
     WebhookClaim(Ts, u32, std::time::Duration, Reply<Vec<WebhookDelivery>>),
     WebhookRecord(WebhookOutcome, Reply<()>),
+    Secret(String, Reply<Vec<u8>>),
 }
 
 /// An answer held back until the commit: called with the commit's error, if any.
@@ -131,6 +132,7 @@ impl Writer {
             Cmd::ChannelPurge(_, _, tx) => pending(tx, Err(e)),
             Cmd::WebhookClaim(_, _, _, tx) => pending(tx, Err(e)),
             Cmd::WebhookRecord(_, tx) => pending(tx, Err(e)),
+            Cmd::Secret(_, tx) => pending(tx, Err(e)),
         }
     }
 
@@ -165,6 +167,7 @@ impl Writer {
                 self.finish(tx, self.webhook_claim(now, limit, lease))
             }
             Cmd::WebhookRecord(o, tx) => self.finish(tx, self.webhook_record(o)),
+            Cmd::Secret(name, tx) => self.finish(tx, self.secret(&name)),
         };
         let end = if ok {
             "RELEASE cmd"
@@ -196,6 +199,22 @@ impl Writer {
         sql::as_stored(req, events);
         sql::update(&self.conn, req)?;
         sql::insert_history(&self.conn, &req.id, events)
+    }
+
+    /// A named secret: created at random if absent, then read back. The
+    /// writer is the only writer, so every caller reads the same bytes.
+    fn secret(&self, name: &str) -> Result<Vec<u8>> {
+        let fresh: [u8; 32] = rand::random();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO secrets (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(rusqlite::params![name, &fresh[..]]))
+            .map_err(sql::classify)?;
+        self.conn
+            .prepare_cached("SELECT value FROM secrets WHERE name = ?1")
+            .and_then(|mut s| s.query_row([name], |r| r.get::<_, Vec<u8>>(0)))
+            .map_err(sql::classify)
     }
 
     fn submit(&self, p: SubmitParams) -> Result<Submitted> {

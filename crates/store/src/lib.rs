@@ -361,6 +361,18 @@ pub enum RemoteChange {
         /// Its deadline, if unfinished.
         deadline: Option<Ts>,
     },
+    /// A reply was appended to a channel: its receivers may have messages.
+    Channel {
+        /// The tenant owning the channel.
+        tenant: String,
+        /// The channel.
+        channel: String,
+    },
+    /// A webhook delivery is due at this time.
+    Webhook {
+        /// When.
+        due: Ts,
+    },
     /// Changes may have been missed (the listening connection was lost and
     /// re-established): every waiter and timer must re-check.
     Resync,
@@ -472,6 +484,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store answers.
     async fn store_ping(&self) -> Result<()>;
+
+    /// A named server secret (e.g. the key that signs page tokens): the
+    /// stored bytes, or — the first time — a fresh random 32-byte secret,
+    /// persisted. Every caller gets the same bytes: concurrent first calls
+    /// (also from other nodes sharing the store) agree on one secret, and it
+    /// survives restarts.
+    async fn store_secret(&self, name: &str) -> Result<Vec<u8>>;
 
     /// Changes made by *other* processes sharing this store, as they happen.
     /// A store only one process can open (the embedded one) has none.

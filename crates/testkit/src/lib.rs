@@ -1,8 +1,17 @@
 //! # coatcheck-testkit
 //!
 //! Test helpers (not published): a real coatcheck server on `127.0.0.1:0`
-//! over a real store in its own temp dir, set up in one line, and assertions
-//! on problem documents. Tests talk to it over real HTTP.
+//! over a real store — the embedded one in its own temp dir, or PostgreSQL
+//! in a fresh schema of its own — set up in one line, and assertions on
+//! problem documents. Tests talk to it over real HTTP.
+//!
+//! Which store: [`TestServer::start_on`] takes a [`Backend`]; the plain
+//! constructors ([`TestServer::start`], [`TestServer::start_with`],
+//! [`TestServer::with_manual_clock`]) use [`Backend::from_env`], so
+//! `COATCHECK_TEST_STORE=postgres cargo nextest run -p coatcheck-server`
+//! runs the whole HTTP contract suite on PostgreSQL
+//! (`COATCHECK_TEST_POSTGRES` names the database, default
+//! `postgres://postgres@127.0.0.1:5432/test`).
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -12,15 +21,37 @@
 //! # }
 //! ```
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use coatcheck_core::wire::Problem;
 use coatcheck_core::ManualClock;
-use coatcheck_server::{Config, Server};
+use coatcheck_server::{Config, Server, StoreConfig};
+pub use coatcheck_store_postgres::testing::{Proxy as PgProxy, TestSchema};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+
+/// The store a [`TestServer`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded store in a temp dir.
+    Embedded,
+    /// PostgreSQL, in a fresh schema of the test database, dropped afterwards.
+    Postgres,
+}
+
+impl Backend {
+    /// `COATCHECK_TEST_STORE`: `postgres` (or `pg`) for PostgreSQL; anything
+    /// else, or nothing, for the embedded store.
+    pub fn from_env() -> Backend {
+        match std::env::var("COATCHECK_TEST_STORE").as_deref() {
+            Ok("postgres") | Ok("pg") | Ok("postgresql") => Backend::Postgres,
+            _ => Backend::Embedded,
+        }
+    }
+}
 
 /// A running server for a test. Stops when dropped.
 pub struct TestServer {
@@ -28,43 +59,82 @@ pub struct TestServer {
     shutdown: CancellationToken,
     clock: Option<Arc<ManualClock>>,
     dir: Arc<tempfile::TempDir>,
+    schema: Option<Arc<TestSchema>>,
     configure: Arc<dyn Fn(&mut Config) + Send + Sync>,
     http: reqwest::Client,
     base: String,
 }
 
 impl TestServer {
-    /// A server on the wall clock, default configuration.
+    /// A server on the wall clock, default configuration, on the store
+    /// [`Backend::from_env`] names.
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
 
     /// A server on a manual clock: time moves only with [`TestServer::advance`].
     pub async fn with_manual_clock() -> Self {
+        Self::with_manual_clock_on(Backend::from_env()).await
+    }
+
+    /// A server on a manual clock, on `backend`.
+    pub async fn with_manual_clock_on(backend: Backend) -> Self {
         let clock = Arc::new(ManualClock::new());
         let c = clock.clone();
-        let mut s = Self::start_with(move |cfg| cfg.clock = c.clone()).await;
+        let mut s = Self::start_on_with(backend, move |cfg| cfg.clock = c.clone()).await;
         s.clock = Some(clock);
         s
     }
 
     /// A server whose configuration `configure` adjusts.
     pub async fn start_with(configure: impl Fn(&mut Config) + Send + Sync + 'static) -> Self {
+        Self::start_on_with(Backend::from_env(), configure).await
+    }
+
+    /// A server on `backend`, default configuration.
+    pub async fn start_on(backend: Backend) -> Self {
+        Self::start_on_with(backend, |_| {}).await
+    }
+
+    /// A server on PostgreSQL (a fresh schema), default configuration.
+    pub async fn start_postgres() -> Self {
+        Self::start_on(Backend::Postgres).await
+    }
+
+    /// A server on `backend` whose configuration `configure` adjusts.
+    pub async fn start_on_with(
+        backend: Backend,
+        configure: impl Fn(&mut Config) + Send + Sync + 'static,
+    ) -> Self {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
-        Self::boot(dir, Arc::new(configure), None).await
+        let schema = match backend {
+            Backend::Embedded => None,
+            Backend::Postgres => Some(Arc::new(TestSchema::create().await)),
+        };
+        Self::boot(dir, schema, Arc::new(configure), None, None).await
     }
 
     async fn boot(
         dir: Arc<tempfile::TempDir>,
+        schema: Option<Arc<TestSchema>>,
         configure: Arc<dyn Fn(&mut Config) + Send + Sync>,
         clock: Option<Arc<ManualClock>>,
+        addr: Option<SocketAddr>,
     ) -> Self {
         let mut config = Config::embedded(dir.path().join("data"));
+        if let Some(schema) = &schema {
+            config.store = StoreConfig::Postgres {
+                url: schema.url_with("pool_size=4"),
+            };
+        }
         config.shutdown_grace = Duration::from_secs(5);
         configure(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = match addr {
+            None => tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind"),
+            Some(addr) => bind_again(addr).await,
+        };
         let shutdown = CancellationToken::new();
         let server = Server::start(config, listener, shutdown.clone())
             .await
@@ -79,19 +149,24 @@ impl TestServer {
             shutdown,
             clock,
             dir,
+            schema,
             configure,
             http,
             base,
         }
     }
 
-    /// Stops the server gracefully and starts it again on the same data.
+    /// Stops the server gracefully and starts it again on the same data and
+    /// the same address, so clients holding [`TestServer::base_url`] reconnect
+    /// to it by themselves.
     pub async fn restart(mut self) -> Self {
+        let addr = self.server().addr();
         self.stop_inner().await;
         let dir = self.dir.clone();
+        let schema = self.schema.clone();
         let configure = self.configure.clone();
         let clock = self.clock.clone();
-        Self::boot(dir, configure, clock).await
+        Self::boot(dir, schema, configure, clock, Some(addr)).await
     }
 
     async fn stop_inner(&mut self) {
@@ -106,7 +181,20 @@ impl TestServer {
         self.stop_inner().await;
     }
 
-    /// The data directory.
+    /// The store it runs on.
+    pub fn backend(&self) -> Backend {
+        match self.schema {
+            Some(_) => Backend::Postgres,
+            None => Backend::Embedded,
+        }
+    }
+
+    /// Its PostgreSQL schema, when on PostgreSQL.
+    pub fn schema(&self) -> Option<&TestSchema> {
+        self.schema.as_deref()
+    }
+
+    /// The data directory (of the embedded store; unused on PostgreSQL).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -182,6 +270,21 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// Binds `addr` again after a restart; the old listener may take a moment
+/// to be released, so this retries for a few seconds.
+async fn bind_again(addr: SocketAddr) -> tokio::net::TcpListener {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(_) if std::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("cannot bind {addr} again after a restart: {e}"),
+        }
     }
 }
 

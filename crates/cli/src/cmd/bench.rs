@@ -221,7 +221,7 @@ impl Progress {
 
     fn tick(&self) {
         let d = self.done.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.tty && (d % 500 == 0 || d == self.total) {
+        if self.tty && (d.is_multiple_of(500) || d == self.total) {
             let width = 30;
             let filled = d * width / self.total.max(1);
             eprint!(
@@ -361,6 +361,7 @@ impl Drop for Inbox {
 }
 
 /// Runs `n` requests with at most `window` outstanding; returns the elapsed time.
+#[allow(clippy::too_many_arguments)]
 async fn windowed(
     client: &Client,
     queue: &str,

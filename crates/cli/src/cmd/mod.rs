@@ -2,12 +2,14 @@
 
 pub mod bench;
 pub mod cancel;
+pub mod channel;
 pub mod keys;
 pub mod queues;
 pub mod serve;
 pub mod status;
 pub mod submit;
 pub mod wait;
+pub mod worker;
 
 use std::future::Future;
 

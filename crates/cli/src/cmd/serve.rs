@@ -23,7 +23,8 @@ pub struct Args {
     #[arg(long, env = "COATCHECK_DATA", default_value = "./coatcheck-data")]
     pub data: PathBuf,
     /// A store URL instead of the embedded store (postgres://user@host/db).
-    #[arg(long, env = "COATCHECK_STORE")]
+    // hide_env_values: `--help` must not print a password held in the URL.
+    #[arg(long, env = "COATCHECK_STORE", hide_env_values = true)]
     pub store: Option<String>,
     /// The externally visible base URL; makes Operation-Location absolute.
     #[arg(long, env = "COATCHECK_PUBLIC_URL")]
@@ -95,6 +96,20 @@ pub struct Args {
     /// reach the port may do anything). For trusted networks only.
     #[arg(long, env = "COATCHECK_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs
+    /// --tls-key. Re-read on SIGHUP.
+    #[arg(long, env = "COATCHECK_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "COATCHECK_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Seconds a client may take to send a request's headers; also how long
+    /// an idle keep-alive connection or a TLS handshake may last.
+    #[arg(long, env = "COATCHECK_HEADER_TIMEOUT", default_value_t = 30.0)]
+    pub header_timeout: f64,
+    /// Seconds a client may take to send a request's body (then 408).
+    #[arg(long, env = "COATCHECK_BODY_TIMEOUT", default_value_t = 60.0)]
+    pub body_timeout: f64,
 }
 
 fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
@@ -205,6 +220,29 @@ fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
     config.limits.max_streams_per_key = a.max_streams_per_key;
     config.max_body = a.max_body;
     config.max_wait = Duration::from_secs_f64(a.max_wait);
+    if let (Some(cert_path), Some(key_path)) = (&a.tls_cert, &a.tls_key) {
+        config.tls = Some(coatcheck_server::TlsConfig {
+            cert_path: cert_path.clone(),
+            key_path: key_path.clone(),
+        });
+    }
+    for (flag, v, slot) in [
+        (
+            "--header-timeout",
+            a.header_timeout,
+            &mut config.header_read_timeout,
+        ),
+        (
+            "--body-timeout",
+            a.body_timeout,
+            &mut config.body_read_timeout,
+        ),
+    ] {
+        if !v.is_finite() || !(0.1..=3600.0).contains(&v) {
+            bail!("{flag} must be between 0.1 and 3600 seconds (got {v})");
+        }
+        *slot = Duration::from_secs_f64(v);
+    }
     Ok((addr, config))
 }
 
@@ -250,18 +288,15 @@ async fn serve(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {addr}"))?;
     let shutdown = CancellationToken::new();
     let server = Server::start(config, listener, shutdown.clone()).await?;
-    // The one line that says it is ready (tests and scripts wait for it).
-    println!(
-        "coatcheck ready: listening on http://{} ({what})",
-        server.addr()
-    );
-    tracing::info!(addr = %server.addr(), "coatcheck ready");
     let engine = server.engine().clone();
+    let tls = server.tls();
+    // SIGHUP re-reads the keys file and the TLS certificate and key. On an
+    // error the ones in force stay (and the error is logged). The handler is
+    // installed before the ready line: a SIGHUP sent as soon as the server
+    // says it is ready must reload, not kill it (SIGHUP's default action).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
         while hup.recv().await.is_some() {
             match engine.reload_keys() {
                 Ok(n) => tracing::info!(keys = n, "keys reloaded"),
@@ -269,10 +304,26 @@ async fn serve(a: Args) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "keys not reloaded; the previous keys stay in force")
                 }
             }
+            if let Some(tls) = &tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %format!("{e:#}"),
+                        "TLS certificate not reloaded; the previous one stays in force"
+                    ),
+                }
+            }
         }
     });
+    // Likewise SIGTERM: registered before the ready line, so a SIGTERM right
+    // after it drains and exits 0 instead of killing the process.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    // The one line that says it is ready (tests and scripts wait for it).
+    println!("coatcheck ready: listening on {} ({what})", server.url());
+    tracing::info!(url = %server.url(), "coatcheck ready");
     tokio::spawn(async move {
-        wait_for_signal().await;
+        wait_for_signal(term).await;
         tracing::info!("shutting down: draining in-flight calls");
         shutdown.cancel();
     });
@@ -281,12 +332,7 @@ async fn serve(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
+async fn wait_for_signal(mut term: tokio::signal::unix::Signal) {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

@@ -5,3 +5,6 @@ mod commands;
 mod crash;
 mod multinode;
 mod proc;
+mod replies;
+mod security;
+mod worker;

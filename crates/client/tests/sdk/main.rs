@@ -1,8 +1,13 @@
 //! The SDK against a real coatcheck server (`coatcheck_testkit::TestServer`:
 //! a real server on 127.0.0.1:0 over the embedded store in a temp dir).
 
+mod channel;
 mod client;
+mod events;
 mod journal;
+mod proxy;
+mod resilience;
+mod webhook;
 mod worker;
 
 use std::time::Duration;

@@ -116,10 +116,10 @@ async fn leases_are_renewed_while_a_handler_outlives_three_of_them() {
     let s = TestServer::start().await;
     let c = client(&s);
     let (run, stop) = spawn(
-        Worker::new(c.clone(), "slow").lease(Duration::from_millis(1500)),
+        Worker::new(c.clone(), "slow").lease(Duration::from_secs(1)),
         |job: Job<u32>| async move {
-            // 5 s: more than three leases.
-            for i in 0..10 {
+            // 4 s: more than three 1 s leases.
+            for i in 0..8 {
                 job.progress(json!({"step": i}));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }

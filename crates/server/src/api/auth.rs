@@ -109,7 +109,10 @@ impl FromRequestParts<Arc<Engine>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, engine: &Arc<Engine>) -> Result<Self, ApiError> {
         let keys = engine.keys();
-        if keys.is_empty() {
+        // Anonymous only when no keys file is configured at all. A keys file
+        // with no keys in it (emptied by mistake, or read half-written on
+        // SIGHUP) lets no one in; it must never open the server to everyone.
+        if keys.is_empty() && engine.config.keys_file.is_none() {
             return Ok(Caller::anonymous());
         }
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {

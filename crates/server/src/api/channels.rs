@@ -107,7 +107,9 @@ impl Engine {
 
 /// Receive reply messages; each is hidden for `visibility` seconds.
 #[utoipa::path(get, path = "/v1/channels/{name}/messages", tag = "client",
-    params(("name" = String, Path), ("max" = Option<u32>, Query), ("wait" = Option<f64>, Query), ("visibility" = Option<f64>, Query)),
+    params(("name" = String, Path, description = "A channel name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"), ("max" = Option<u32>, Query, description = "1..100, default 10", minimum = 1, maximum = 100),
+        ("wait" = Option<f64>, Query, description = "Long-poll up to this many seconds (clamped to the server's cap)", minimum = 0),
+        ("visibility" = Option<f64>, Query, description = "Seconds each message stays hidden, default 30", minimum = 0.001, maximum = 315360000)),
     responses((status = 200, body = ChannelMessages), (status = 400, body = coatcheck_core::wire::Problem)))]
 pub async fn receive(
     State(engine): State<Arc<Engine>>,
@@ -135,7 +137,7 @@ pub async fn receive(
 }
 
 /// Acknowledge received messages: they are removed for good.
-#[utoipa::path(post, path = "/v1/channels/{name}/ack", tag = "client", params(("name" = String, Path)),
+#[utoipa::path(post, path = "/v1/channels/{name}/ack", tag = "client", params(("name" = String, Path, description = "A channel name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")),
     request_body = AckBody,
     responses((status = 200, body = AckResponse), (status = 400, body = coatcheck_core::wire::Problem)))]
 pub async fn ack(
@@ -187,8 +189,8 @@ struct ChannelStream {
 /// The channel's messages pushed over SSE (`event: message`, `id:` the
 /// message id, data the message with its ack token). Each is removed when the
 /// client acks it, or with `?auto_ack=true` as it is written to the stream.
-#[utoipa::path(get, path = "/v1/channels/{name}/events", tag = "client",
-    params(("name" = String, Path), ("visibility" = Option<f64>, Query), ("auto_ack" = Option<bool>, Query)),
+#[utoipa::path(get, path = "/v1/channels/{name}/events", tag = "client", operation_id = "channel_events",
+    params(("name" = String, Path, description = "A channel name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"), ("visibility" = Option<f64>, Query, minimum = 0.001, maximum = 315360000), ("auto_ack" = Option<bool>, Query)),
     responses((status = 200, description = "text/event-stream of message events"), (status = 400, body = coatcheck_core::wire::Problem)))]
 pub async fn events(
     State(engine): State<Arc<Engine>>,
@@ -227,13 +229,21 @@ async fn next_message(mut st: ChannelStream) -> Option<(Result<Event, Infallible
         if !st.written.is_empty() {
             let tokens = std::mem::take(&mut st.written);
             let now = st.engine.now();
-            st.engine.store.channel_ack(st.tenant.clone(), st.channel.clone(), tokens, now).await.ok()?;
+            st.engine
+                .store
+                .channel_ack(st.tenant.clone(), st.channel.clone(), tokens, now)
+                .await
+                .ok()?;
         }
         if st.engine.shutdown.is_cancelled() {
             return None;
         }
         let wait = st.engine.config.max_wait;
-        let got = st.engine.channel_receive(&st.tenant, &st.channel, 10, st.visibility, wait).await.ok()?;
+        let got = st
+            .engine
+            .channel_receive(&st.tenant, &st.channel, 10, st.visibility, wait)
+            .await
+            .ok()?;
         for m in got {
             let ev = Event::default()
                 .event("message")

@@ -61,14 +61,16 @@ pub fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get("last-event-id") else {
         return Ok(None);
     };
-    let s = v.to_str().unwrap_or("").trim();
+    let bad = || {
+        ApiError::bad_request("Last-Event-ID must be an event id this server sent (a number)")
+            .with("field", "Last-Event-ID")
+    };
+    // Not text (obs-text bytes) is as malformed as any other non-number.
+    let s = v.to_str().map_err(|_| bad())?.trim();
     if s.is_empty() {
         return Ok(None);
     }
-    s.parse::<u64>().map(Some).map_err(|_| {
-        ApiError::bad_request("Last-Event-ID must be an event id this server sent (a number)")
-            .with("field", "Last-Event-ID")
-    })
+    s.parse::<u64>().map(Some).map_err(|_| bad())
 }
 
 struct Stream_ {
@@ -120,8 +122,8 @@ impl Stream_ {
 }
 
 /// Server-Sent Events of one request.
-#[utoipa::path(get, path = "/v1/requests/{id}/events", tag = "client",
-    params(("id" = String, Path), ("Last-Event-ID" = Option<String>, Header)),
+#[utoipa::path(get, path = "/v1/requests/{id}/events", tag = "client", operation_id = "request_events",
+    params(("id" = String, Path, description = "A request id"), ("Last-Event-ID" = Option<String>, Header, description = "The `id:` of the last event received: replay what came after it")),
     responses((status = 200, description = "text/event-stream of status and progress events"),
         (status = 204, description = "Already past the terminal event"), (status = 404, body = coatcheck_core::wire::Problem)))]
 pub async fn events(
@@ -186,5 +188,55 @@ async fn next(mut st: Stream_) -> Option<(Result<Event, Infallible>, Stream_)> {
         let req = st.engine.get(st.r.clone()).await.ok()?;
         let events = st.engine.history(st.r.clone(), st.last).await.ok()?;
         st.push(&events, &req);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn last(v: &[u8]) -> Option<Result<Option<u64>, ApiError>> {
+        let v = HeaderValue::from_bytes(v).ok()?;
+        let mut h = HeaderMap::new();
+        h.insert("last-event-id", v);
+        Some(last_event_id(&h))
+    }
+
+    #[test]
+    fn last_event_id_is_a_sequence_number() {
+        assert_eq!(last_event_id(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(last(b"7").unwrap().unwrap(), Some(7));
+        assert_eq!(last(b" 12 ").unwrap().unwrap(), Some(12));
+        assert_eq!(last(b"").unwrap().unwrap(), None);
+        for bad in [&b"-1"[..], b"x", b"1.0", b"18446744073709551616", b"\xff"] {
+            let e = last(bad).unwrap().expect_err("refused");
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(e.problem().extensions["field"], "Last-Event-ID");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_header_is_a_number_nothing_or_a_400(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Some(res) = last(&bytes) {
+                match res {
+                    Ok(Some(n)) => {
+                        let text = String::from_utf8_lossy(&bytes);
+                        prop_assert_eq!(text.trim().parse::<u64>().ok(), Some(n));
+                    }
+                    Ok(None) => prop_assert!(bytes.iter().all(|b| b.is_ascii_whitespace())),
+                    Err(e) => prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST),
+                }
+            }
+        }
+
+        #[test]
+        fn every_number_round_trips(n in any::<u64>()) {
+            prop_assert_eq!(last(n.to_string().as_bytes()).unwrap().unwrap(), Some(n));
+        }
     }
 }

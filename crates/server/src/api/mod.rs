@@ -9,6 +9,7 @@ pub mod events;
 pub mod extract;
 pub mod openapi;
 pub mod ops;
+pub mod page_token;
 pub mod problem;
 pub mod requests;
 pub mod worker;

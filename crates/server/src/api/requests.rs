@@ -9,7 +9,6 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
 use coatcheck_core::rules::{CancelOutcome, NewRequest};
 use coatcheck_core::validate::{self, Invalid};
 use coatcheck_core::wire::{HistoryResponse, ListResponse, SubmitBody};
@@ -79,13 +78,16 @@ pub fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
         })
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+/// Parses `Idempotency-Key`: 1 to 255 visible ASCII characters (surrounding
+/// quotes and whitespace dropped); anything else is a 400 problem.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let s = v
-        .to_str()
-        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
+    let s = v.to_str().map_err(|_| {
+        ApiError::bad_request("Idempotency-Key must be visible ASCII")
+            .with("field", "Idempotency-Key")
+    })?;
     let s = s.trim().trim_matches('"');
     if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| (0x21..0x7f).contains(&b)) {
         return Err(ApiError::bad_request(
@@ -193,7 +195,9 @@ fn body_hash(queue: &str, raw: &[u8]) -> String {
 
 /// Submit a request: 202 with a ticket once it is durably stored.
 #[utoipa::path(post, path = "/v1/queues/{queue}/requests", tag = "client",
-    params(("queue" = String, Path), ("Idempotency-Key" = Option<String>, Header), ("Prefer" = Option<String>, Header, description = "wait=N")),
+    params(("queue" = String, Path, description = "A queue name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a retry with the same key and body is answered with the first request", pattern = r"^[!-~]{1,255}$"),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): answer 200 with the terminal request if it finishes within N seconds")),
     request_body = SubmitBody,
     responses(
         (status = 202, description = "Accepted and durably stored", body = Request),
@@ -210,6 +214,17 @@ pub async fn submit(
     caller.require(Role::Client)?;
     caller.require_queue(&queue)?;
     validate::name("queue", &queue)?;
+    // Fair claiming rotates across fairness keys: with keys configured only
+    // admins may pick one, or a tenant could take many turns by inventing keys.
+    if caller.key.is_some() && caller.role != Role::Admin && body.value.fairness_key.is_some() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "Forbidden",
+            "fairness_key may only be set by admin keys (client requests are shared fairly by tenant)",
+        )
+        .with("field", "fairness_key"));
+    }
     engine.admit_submit(&caller, &queue).await?;
     let idem = idempotency_key(&headers)?;
     let wait = prefer_wait(&headers);
@@ -234,6 +249,7 @@ pub async fn submit(
     };
     let mut applied = None;
     if let Some(n) = wait {
+        let _permit = engine.stream_permit(&caller)?;
         let d = Duration::from_secs(n).min(engine.config.max_wait);
         let r = RequestRef {
             id: req.id.clone(),
@@ -308,7 +324,7 @@ fn request_response(req: Request) -> Response {
 
 /// The status monitor: the request, long-polling with `?wait=N`.
 #[utoipa::path(get, path = "/v1/requests/{id}", tag = "client",
-    params(("id" = String, Path), ("wait" = Option<f64>, Query, description = "long-poll seconds")),
+    params(("id" = String, Path, description = "A request id"), ("wait" = Option<f64>, Query, description = "Long-poll up to this many seconds (clamped to the server's cap)", minimum = 0)),
     responses((status = 200, body = Request), (status = 404, body = coatcheck_core::wire::Problem)))]
 pub async fn status(
     State(engine): State<Arc<Engine>>,
@@ -319,6 +335,11 @@ pub async fn status(
     caller.require(Role::Client)?;
     let r = request_ref(&caller, id)?;
     let wait = wait_duration(&engine, q.wait)?;
+    let _permit = if wait.is_zero() {
+        None
+    } else {
+        Some(engine.stream_permit(&caller)?)
+    };
     let req = engine
         .wait_until(r, wait, |r| r.status.is_terminal())
         .await?;
@@ -326,8 +347,9 @@ pub async fn status(
 }
 
 /// The result endpoint: 200 with the output, 202 while running, 409 if it did not succeed.
-#[utoipa::path(get, path = "/v1/requests/{id}/result", tag = "client", params(("id" = String, Path)),
-    responses((status = 200, description = "The output JSON as is"), (status = 202, description = "Not finished yet"),
+#[utoipa::path(get, path = "/v1/requests/{id}/result", tag = "client", params(("id" = String, Path, description = "A request id")),
+    responses((status = 200, description = "The output JSON as is", body = serde_json::Value),
+        (status = 202, description = "Not finished yet: the request as it is", body = Request),
         (status = 409, description = "Failed, cancelled or expired", body = coatcheck_core::wire::Problem)))]
 pub async fn result(
     State(engine): State<Arc<Engine>>,
@@ -367,7 +389,7 @@ pub async fn result(
 }
 
 /// The request's timeline, oldest first.
-#[utoipa::path(get, path = "/v1/requests/{id}/history", tag = "client", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/requests/{id}/history", tag = "client", params(("id" = String, Path, description = "A request id")),
     responses((status = 200, body = HistoryResponse), (status = 404, body = coatcheck_core::wire::Problem)))]
 pub async fn history(
     State(engine): State<Arc<Engine>>,
@@ -382,7 +404,7 @@ pub async fn history(
 }
 
 /// Cancel: queued → cancelled (200); running → cancel requested (202); terminal → 409.
-#[utoipa::path(delete, path = "/v1/requests/{id}", tag = "client", params(("id" = String, Path)),
+#[utoipa::path(delete, path = "/v1/requests/{id}", tag = "client", params(("id" = String, Path, description = "A request id")),
     responses((status = 200, description = "Cancelled", body = Request), (status = 202, description = "Cancel requested of a running request", body = Request),
         (status = 409, body = coatcheck_core::wire::Problem)))]
 pub async fn cancel(
@@ -415,32 +437,12 @@ pub struct ListQuery {
     pub page_token: Option<String>,
 }
 
-const PAGE_PREFIX: &str = "v1:";
-
-fn encode_page_token(id: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{PAGE_PREFIX}{id}"))
-}
-
-fn decode_page_token(t: &str) -> Result<String, ApiError> {
-    let bad = || {
-        ApiError::bad_request("page_token is not a token this server issued")
-            .with("field", "page_token")
-    };
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(t)
-        .map_err(|_| bad())?;
-    let s = String::from_utf8(bytes).map_err(|_| bad())?;
-    let id = s.strip_prefix(PAGE_PREFIX).ok_or_else(bad)?;
-    if !validate::request_id(id) {
-        return Err(bad());
-    }
-    Ok(id.to_string())
-}
-
 /// List requests, newest first, with filters and page tokens.
 #[utoipa::path(get, path = "/v1/requests", tag = "client",
-    params(("queue" = Option<String>, Query), ("status" = Option<String>, Query), ("correlation_id" = Option<String>, Query),
-        ("limit" = Option<u32>, Query, description = "1..1000, default 50"), ("page_token" = Option<String>, Query)),
+    params(("queue" = Option<String>, Query, pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"), ("status" = Option<Status>, Query),
+        ("correlation_id" = Option<String>, Query, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("limit" = Option<u32>, Query, description = "1..1000, default 50", minimum = 1, maximum = 1000),
+        ("page_token" = Option<String>, Query, description = "`next_page_token` of the previous page (opaque; issued to this caller)")),
     responses((status = 200, body = ListResponse), (status = 400, body = coatcheck_core::wire::Problem)))]
 pub async fn list(
     State(engine): State<Arc<Engine>>,
@@ -455,6 +457,12 @@ pub async fn list(
     if let Some(queue) = &q.queue {
         validate::name("queue", queue)?;
     }
+    // What a submit would refuse cannot match anything; refusing it here
+    // also keeps bytes a store cannot take (NUL on PostgreSQL: was a 500)
+    // away from the store.
+    if let Some(c) = &q.correlation_id {
+        validate::text("correlation_id", c, 256)?;
+    }
     let status = match &q.status {
         Some(s) => Some(Status::parse(s).ok_or_else(|| {
             Invalid::new(
@@ -464,15 +472,16 @@ pub async fn list(
         })?),
         None => None,
     };
+    let scope = caller.scope();
     let before_id = q
         .page_token
         .as_deref()
         .filter(|t| !t.is_empty())
-        .map(decode_page_token)
+        .map(|t| engine.page_tokens.decode(scope.as_deref(), t))
         .transpose()?;
     let mut requests = engine
         .list(ListParams {
-            tenant: caller.scope(),
+            tenant: scope.clone(),
             queue: q.queue,
             status,
             correlation_id: q.correlation_id,
@@ -482,7 +491,9 @@ pub async fn list(
         .await?;
     let next_page_token = if requests.len() > limit as usize {
         requests.truncate(limit as usize);
-        requests.last().map(|r| encode_page_token(&r.id))
+        requests
+            .last()
+            .map(|r| engine.page_tokens.encode(scope.as_deref(), &r.id))
     } else {
         None
     };
@@ -493,7 +504,7 @@ pub async fn list(
 }
 
 /// Redrive a failed, cancelled or expired request (dead-letter re-drive).
-#[utoipa::path(post, path = "/v1/requests/{id}/redrive", tag = "operations", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/requests/{id}/redrive", tag = "operations", params(("id" = String, Path, description = "A request id")),
     responses((status = 200, body = Request), (status = 409, body = coatcheck_core::wire::Problem)))]
 pub async fn redrive(
     State(engine): State<Arc<Engine>>,
@@ -503,4 +514,121 @@ pub async fn redrive(
     caller.require(Role::Admin)?;
     let r = request_ref(&caller, id)?;
     Ok(Json(engine.redrive(r).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Headers holding `name: value` for each value that is a valid header value.
+    fn headers(name: &'static str, values: &[&[u8]]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            if let Ok(v) = HeaderValue::from_bytes(v) {
+                h.append(name, v);
+            }
+        }
+        h
+    }
+
+    fn prefer(v: &str) -> Option<u64> {
+        prefer_wait(&headers("prefer", &[v.as_bytes()]))
+    }
+
+    #[test]
+    fn prefer_wait_reads_the_forms_of_rfc_7240() {
+        assert_eq!(prefer("wait=5"), Some(5));
+        assert_eq!(prefer("respond-async, wait=10"), Some(10));
+        assert_eq!(prefer("handling=lenient; wait=2"), Some(2));
+        assert_eq!(prefer("WAIT = 7"), Some(7));
+        assert_eq!(prefer("wait=\"3\""), Some(3));
+        assert_eq!(prefer("wait=18446744073709551615"), Some(u64::MAX));
+        for ignored in [
+            "",
+            "wait",
+            "wait=",
+            "wait=-1",
+            "wait=1.5",
+            "wait=x",
+            "waiting=3",
+            "return=minimal",
+        ] {
+            assert_eq!(prefer(ignored), None, "{ignored}");
+        }
+        // Across several Prefer headers.
+        let h = headers("prefer", &[b"respond-async", b"wait=4"]);
+        assert_eq!(prefer_wait(&h), Some(4));
+    }
+
+    fn problem_field(e: &ApiError) -> serde_json::Value {
+        e.problem()
+            .extensions
+            .get("field")
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn idempotency_key_is_1_to_255_visible_ascii() {
+        let key = |v: &[u8]| idempotency_key(&headers("idempotency-key", &[v]));
+        assert_eq!(key(b"abc").unwrap().as_deref(), Some("abc"));
+        assert_eq!(key(b" \"k-1\" ").unwrap().as_deref(), Some("k-1"));
+        assert_eq!(idempotency_key(&HeaderMap::new()).unwrap(), None);
+        let long = "k".repeat(256);
+        for bad in [&b""[..], b"\"\"", b"a b", long.as_bytes(), b"caf\xc3\xa9"] {
+            let e = key(bad).expect_err("refused");
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(problem_field(&e), "Idempotency-Key");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn prefer_never_panics_and_only_reads_wait(values in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..4)) {
+            let values: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+            let h = headers("prefer", &values);
+            if let Some(n) = prefer_wait(&h) {
+                let text: String = h.get_all("prefer").iter().map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase()).collect();
+                prop_assert!(text.contains("wait") && text.contains(&n.to_string()), "{text} → {n}");
+            }
+        }
+
+        #[test]
+        fn prefer_finds_wait_among_other_preferences(
+            n in any::<u64>(),
+            before in proptest::collection::vec("[a-vx-z][a-z-]{0,8}(=[a-z0-9]{1,4})?", 0..3),
+            after in proptest::collection::vec("[a-vx-z][a-z-]{0,8}(=[a-z0-9]{1,4})?", 0..3),
+            sep in prop_oneof![Just(", "), Just(","), Just("; ")],
+        ) {
+            let mut parts = before.clone();
+            parts.push(format!("wait={n}"));
+            parts.extend(after);
+            prop_assert_eq!(prefer(&parts.join(sep)), Some(n));
+        }
+
+        #[test]
+        fn idempotency_key_accepts_visible_ascii_and_refuses_the_rest_with_a_400(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let h = headers("idempotency-key", &[&bytes]);
+            match idempotency_key(&h) {
+                Ok(None) => prop_assert!(h.is_empty()),
+                Ok(Some(k)) => {
+                    prop_assert!(!k.is_empty() && k.len() <= 255);
+                    prop_assert!(k.bytes().all(|b| (0x21..0x7f).contains(&b)));
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+                    prop_assert_eq!(problem_field(&e), "Idempotency-Key");
+                }
+            }
+        }
+
+        #[test]
+        fn any_visible_ascii_key_is_kept_as_is(k in "[!#-~]{1,255}") {
+            let h = headers("idempotency-key", &[k.as_bytes()]);
+            prop_assert_eq!(idempotency_key(&h).expect("accepted"), Some(k));
+        }
+    }
 }

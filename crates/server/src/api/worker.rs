@@ -86,7 +86,7 @@ fn fail_settlement(
 }
 
 /// Claim up to `max` ready requests, long-polling up to `wait` seconds.
-#[utoipa::path(post, path = "/v1/queues/{queue}/claims", tag = "worker", params(("queue" = String, Path)),
+#[utoipa::path(post, path = "/v1/queues/{queue}/claims", tag = "worker", params(("queue" = String, Path, description = "A queue name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")),
     request_body = ClaimBody,
     responses((status = 200, body = ClaimResponse), (status = 400, body = coatcheck_core::wire::Problem)))]
 pub async fn claim(
@@ -129,7 +129,7 @@ pub async fn claim(
 }
 
 /// Renew a lease, report progress, learn of a cancel request.
-#[utoipa::path(post, path = "/v1/requests/{id}/heartbeat", tag = "worker", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/requests/{id}/heartbeat", tag = "worker", params(("id" = String, Path, description = "A request id")),
     request_body = HeartbeatBody,
     responses((status = 200, body = HeartbeatResponse), (status = 409, body = coatcheck_core::wire::Problem)))]
 pub async fn heartbeat(
@@ -169,7 +169,7 @@ pub async fn heartbeat(
 }
 
 /// Complete a running request with its output (idempotent with the same token).
-#[utoipa::path(post, path = "/v1/requests/{id}/complete", tag = "worker", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/requests/{id}/complete", tag = "worker", params(("id" = String, Path, description = "A request id")),
     request_body = CompleteBody,
     responses((status = 200, body = Request), (status = 409, body = coatcheck_core::wire::Problem)))]
 pub async fn complete(
@@ -192,7 +192,7 @@ pub async fn complete(
 }
 
 /// Fail an attempt: retry with backoff, dead-letter, or cancel if requested.
-#[utoipa::path(post, path = "/v1/requests/{id}/fail", tag = "worker", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/requests/{id}/fail", tag = "worker", params(("id" = String, Path, description = "A request id")),
     request_body = FailBody,
     responses((status = 200, body = Request), (status = 409, body = coatcheck_core::wire::Problem)))]
 pub async fn fail(
@@ -216,7 +216,7 @@ pub async fn fail(
 }
 
 /// Complete and fail many requests in one durable commit.
-#[utoipa::path(post, path = "/v1/queues/{queue}/settlements", tag = "worker", params(("queue" = String, Path)),
+#[utoipa::path(post, path = "/v1/queues/{queue}/settlements", tag = "worker", params(("queue" = String, Path, description = "A queue name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")),
     request_body = SettlementsBody,
     responses((status = 200, body = SettlementsResponse), (status = 400, body = coatcheck_core::wire::Problem)))]
 pub async fn settlements(

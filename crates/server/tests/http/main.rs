@@ -11,6 +11,7 @@ mod ops;
 mod replies_channels;
 mod replies_sse;
 mod replies_webhooks;
+mod security;
 mod smoke;
 mod status;
 mod submit;

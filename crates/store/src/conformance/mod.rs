@@ -49,6 +49,7 @@ pub mod history;
 pub mod lease;
 pub mod list;
 pub mod redrive;
+pub mod secrets;
 pub mod settle;
 pub mod stats;
 pub mod submit;
@@ -223,6 +224,11 @@ macro_rules! conformance_suite {
                 channel_purge_deletes_only_older_messages,
                 due_times_report_when_a_received_message_becomes_visible,
                 fallback_chain_replies_once_for_its_last_request,
+            }
+            secrets {
+                secret_is_created_once_and_then_stable,
+                secrets_with_different_names_differ,
+                concurrent_first_calls_agree_on_one_secret,
             }
             webhook {
                 webhook_reply_creates_a_delivery_taken_under_a_lease,

@@ -1,0 +1,172 @@
+//! The connection URL, parsed once into what the store needs.
+//!
+//! A `postgres://` (or `postgresql://`) URL as libpq and tokio-postgres
+//! understand it, plus two parameters of coatcheck's own, which are removed
+//! before the rest is handed to tokio-postgres:
+//!
+//! - `schema=NAME`: keep every table in this schema (created if missing)
+//!   instead of the database's default search path. Tests give each case a
+//!   schema of its own; operators may share one database among several
+//!   coatcheck clusters this way.
+//! - `pool_size=N`: connections each node keeps at most (default 10).
+//!
+//! Every connection also gets `application_name=coatcheck` (unless the URL
+//! names one), a 5 s connect timeout, TCP keep-alives, and server-side
+//! guards: `lock_timeout`, `statement_timeout` and
+//! `idle_in_transaction_session_timeout`, so a stuck node can neither hold
+//! row locks for long nor make other nodes wait without bound.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The default number of pooled connections per node.
+pub const DEFAULT_POOL_SIZE: usize = 10;
+
+/// How long a call waits for a pooled connection (or for a new one to be
+/// made) before it answers "unavailable".
+pub const POOL_WAIT: Duration = Duration::from_secs(5);
+
+/// A parsed store URL.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// What tokio-postgres connects with.
+    pub pg: tokio_postgres::Config,
+    /// The schema every table lives in, if not the default search path.
+    pub schema: Option<String>,
+    /// Pooled connections per node.
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        f.debug_struct("PgOptions")
+            .field("hosts", &self.pg.get_hosts())
+            .field("dbname", &self.pg.get_dbname())
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// Why a URL was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid PostgreSQL URL: {0}")]
+pub struct UrlError(pub String);
+
+/// Whether `s` may be used as a schema name without quoting: lower-case
+/// ASCII letters, digits and `_`, not starting with a digit, at most 63 bytes.
+pub fn valid_schema(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+impl PgOptions {
+    /// Parses a store URL.
+    pub fn parse(url: &str) -> Result<Self, UrlError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(UrlError("it must start with postgres://".into()));
+        }
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, q),
+            None => (url, ""),
+        };
+        let mut schema = None;
+        let mut pool_size = DEFAULT_POOL_SIZE;
+        let mut rest = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "schema" => {
+                    if !valid_schema(v) {
+                        return Err(UrlError(format!(
+                            "schema {v:?} must be lower-case letters, digits and _ (at most 63)"
+                        )));
+                    }
+                    schema = Some(v.to_string());
+                }
+                "pool_size" => {
+                    pool_size = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=1000).contains(n))
+                        .ok_or_else(|| UrlError(format!("pool_size {v:?} must be 1..1000")))?;
+                }
+                _ => rest.push(pair),
+            }
+        }
+        let pg_url = if rest.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", rest.join("&"))
+        };
+        let mut pg =
+            tokio_postgres::Config::from_str(&pg_url).map_err(|e| UrlError(e.to_string()))?;
+        if pg.get_application_name().is_none() {
+            pg.application_name("coatcheck");
+        }
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(Duration::from_secs(5));
+        }
+        pg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(15))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+        let mut options = pg.get_options().unwrap_or_default().to_string();
+        let mut add = |o: &str| {
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            options.push_str(o);
+        };
+        add("-c lock_timeout=10s");
+        add("-c statement_timeout=60s");
+        add("-c idle_in_transaction_session_timeout=60s");
+        if let Some(s) = &schema {
+            add(&format!("-c search_path={s}"));
+        }
+        pg.options(options);
+        Ok(PgOptions {
+            pg,
+            schema,
+            pool_size,
+        })
+    }
+
+    /// The schema name as the advisory lock and notification channel see it.
+    pub fn schema_or_default(&self) -> &str {
+        self.schema.as_deref().unwrap_or("public")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_and_pool_size_are_taken_out_of_the_url() {
+        let o = PgOptions::parse(
+            "postgres://postgres@127.0.0.1:5432/test?schema=cc_a1&pool_size=3&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(o.schema.as_deref(), Some("cc_a1"));
+        assert_eq!(o.pool_size, 3);
+        assert_eq!(o.pg.get_application_name(), Some("x"));
+        assert!(o.pg.get_options().unwrap().contains("search_path=cc_a1"));
+        assert_eq!(o.pg.get_dbname(), Some("test"));
+    }
+
+    #[test]
+    fn bad_schema_names_and_other_schemes_are_refused() {
+        assert!(PgOptions::parse("postgres://h/db?schema=Robert'); DROP").is_err());
+        assert!(PgOptions::parse("postgres://h/db?schema=1abc").is_err());
+        assert!(PgOptions::parse("mysql://h/db").is_err());
+        assert!(PgOptions::parse("postgres://h/db?pool_size=0").is_err());
+        let o = PgOptions::parse("postgresql://h/db").unwrap();
+        assert_eq!(o.schema, None);
+        assert_eq!(o.pool_size, DEFAULT_POOL_SIZE);
+    }
+}

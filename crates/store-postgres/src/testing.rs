@@ -1,0 +1,284 @@
+//! A fresh schema per test, so tests on one database run in parallel.
+//!
+//! [`TestSchema::create`] makes an empty schema named
+//! `cc_test_<unix seconds>_<random>` on the database of
+//! `COATCHECK_TEST_POSTGRES` (default
+//! `postgres://postgres@127.0.0.1:5432/test`) and answers a store URL for
+//! it (`…?schema=…&application_name=…`). Dropping it ends every session of
+//! that URL (they carry the schema's name as `application_name`) and drops
+//! the schema with everything in it. Schemas that a killed test run left
+//! behind are dropped by the first `create` of a later run once they are
+//! an hour old.
+//!
+//! [`Proxy`] stands between nodes and the database so a test can take the
+//! database away and bring it back — what a restart or a network cut looks
+//! like to a node — without disturbing anyone else using the same server.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+
+/// The database tests use unless `COATCHECK_TEST_POSTGRES` says otherwise.
+pub const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The base URL of the test database.
+pub fn base_url() -> String {
+    std::env::var("COATCHECK_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_TEST_URL.to_string())
+}
+
+/// An empty schema that lives as long as this value.
+#[derive(Debug)]
+pub struct TestSchema {
+    base: String,
+    name: String,
+}
+
+static SWEPT: AtomicBool = AtomicBool::new(false);
+
+impl TestSchema {
+    /// Creates a fresh schema on the test database. Panics (it is for
+    /// tests) if the database cannot be reached.
+    pub async fn create() -> TestSchema {
+        Self::create_at(&base_url()).await
+    }
+
+    /// Creates a fresh schema on the database of `base`.
+    pub async fn create_at(base: &str) -> TestSchema {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let name = format!("cc_test_{secs}_{:08x}", rand::random::<u32>());
+        let (client, conn) = tokio_postgres::connect(base, NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("the test database {base} is not reachable: {e}"));
+        let driver = tokio::spawn(conn);
+        if !SWEPT.swap(true, Ordering::AcqRel) {
+            sweep_stale(&client, secs).await;
+        }
+        client
+            .batch_execute(&format!("CREATE SCHEMA \"{name}\""))
+            .await
+            .expect("create a test schema");
+        drop(client);
+        let _ = driver.await;
+        TestSchema {
+            base: base.to_string(),
+            name,
+        }
+    }
+
+    /// The schema's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A store URL for this schema.
+    pub fn url(&self) -> String {
+        self.url_with("")
+    }
+
+    /// A store URL for this schema with more parameters (`"pool_size=2"`).
+    pub fn url_with(&self, extra: &str) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        let mut url = format!(
+            "{}{sep}schema={}&application_name={}",
+            self.base, self.name, self.name
+        );
+        if !extra.is_empty() {
+            url.push('&');
+            url.push_str(extra);
+        }
+        url
+    }
+
+    /// A store URL for this schema that connects through `addr` (a
+    /// [`Proxy`]) instead of the database's own address.
+    pub fn url_via(&self, addr: SocketAddr, extra: &str) -> String {
+        let url = self.url_with(extra);
+        // postgres://user@host:port/db?… → postgres://user@ADDR/db?…
+        let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+        let rest = &url[scheme_end..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        let user = authority.rsplit_once('@').map(|(u, _)| format!("{u}@"));
+        format!(
+            "{}{}{addr}{}",
+            &url[..scheme_end],
+            user.unwrap_or_default(),
+            &rest[authority_end..]
+        )
+    }
+
+    /// Ends every session connected with this schema's URL (a node's pool
+    /// and its LISTEN connection): what a database restart looks like to
+    /// those nodes. Answers how many sessions ended.
+    pub async fn terminate_sessions(&self) -> u64 {
+        terminate(&self.base, &self.name).await.unwrap_or(0)
+    }
+}
+
+async fn terminate(base: &str, name: &str) -> Result<u64, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(base, NoTls).await?;
+    let driver = tokio::spawn(conn);
+    let n = client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .await;
+    drop(client);
+    let _ = driver.await;
+    n
+}
+
+async fn drop_schema(base: &str, name: &str) -> Result<(), tokio_postgres::Error> {
+    terminate(base, name).await?;
+    let (client, conn) = tokio_postgres::connect(base, NoTls).await?;
+    let driver = tokio::spawn(conn);
+    let res = client
+        .batch_execute(&format!(
+            "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
+        ))
+        .await;
+    drop(client);
+    let _ = driver.await;
+    res
+}
+
+/// Drops test schemas older than an hour (left by killed runs).
+async fn sweep_stale(client: &tokio_postgres::Client, now_secs: u64) {
+    let Ok(rows) = client
+        .query(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'cc\\_test\\_%'",
+            &[],
+        )
+        .await
+    else {
+        return;
+    };
+    for row in rows {
+        let name: String = row.get(0);
+        let born = name
+            .split('_')
+            .nth(2)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
+        if born.saturating_add(3600) < now_secs {
+            let _ = client
+                .batch_execute(&format!(
+                    "SET lock_timeout = '2s'; DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
+                ))
+                .await;
+        }
+    }
+}
+
+/// A TCP proxy to the test database that can be switched off (every
+/// connection through it cut, new ones refused) and on again.
+#[derive(Debug)]
+pub struct Proxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    cut: watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// A proxy to the test database's address, listening on `127.0.0.1:0`.
+    pub async fn start() -> Proxy {
+        let cfg = tokio_postgres::Config::from_str(&base_url()).expect("a valid test database URL");
+        let host = match cfg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".to_string(),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let target = format!("{host}:{port}");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let up = Arc::new(AtomicBool::new(true));
+        let (cut, _) = watch::channel(0u64);
+        let (up2, cut2) = (up.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !up2.load(Ordering::Acquire) {
+                    drop(client); // refused: the database is "down"
+                    continue;
+                }
+                let target = target.clone();
+                let mut cut_rx = cut2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            cut,
+            task,
+        }
+    }
+
+    /// Where nodes should connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The database goes away: every connection through the proxy is cut
+    /// and new ones are refused.
+    pub fn down(&self) {
+        self.up.store(false, Ordering::Release);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// The database is back.
+    pub fn up(&self) {
+        self.up.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let (base, name) = (self.base.clone(), self.name.clone());
+        // Drop may run inside an async runtime: do the work on a thread of
+        // its own with a small runtime of its own, and wait for it.
+        let worker = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async {
+                match tokio::time::timeout(Duration::from_secs(20), drop_schema(&base, &name)).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => eprintln!("could not drop test schema {name}: {e}"),
+                    Err(_) => eprintln!("dropping test schema {name} timed out"),
+                }
+            })
+        });
+        let _ = worker.join();
+    }
+}

@@ -1,0 +1,415 @@
+//! The shared store conformance suite, run against PostgreSQL: each case on
+//! a fresh, empty schema of the test database (`COATCHECK_TEST_POSTGRES`,
+//! default `postgres://postgres@127.0.0.1:5432/test`), dropped afterwards.
+
+use std::sync::Arc;
+
+use coatcheck_store::conformance::Fixture;
+use coatcheck_store::StoreOptions;
+use coatcheck_store_postgres::testing::TestSchema;
+use coatcheck_store_postgres::PgStore;
+
+async fn fixture() -> Fixture {
+    let schema = TestSchema::create().await;
+    let store = PgStore::open(&schema.url_with("pool_size=4"), StoreOptions::default())
+        .await
+        .expect("open the store");
+    Fixture {
+        store: Arc::new(store),
+        guard: Box::new(schema),
+    }
+}
+
+coatcheck_store::conformance_suite!(fixture);
+
+/// What only a store shared by many processes has: other nodes' changes,
+/// reconnects, migrations racing, retention.
+mod shared {
+    use std::time::{Duration, Instant};
+
+    use coatcheck_core::clock::{add, truncate};
+    use coatcheck_core::model::new_request_id;
+    use coatcheck_core::rules::NewRequest;
+    use coatcheck_core::Status;
+    use coatcheck_store::{
+        ClaimParams, RemoteChange, RequestRef, SettleParams, Settlement, Store, StoreError,
+        StoreOptions, SubmitParams, Submitted,
+    };
+    use coatcheck_store_postgres::testing::{Proxy, TestSchema};
+    use coatcheck_store_postgres::PgStore;
+    use serde_json::value::RawValue;
+    use tokio::sync::broadcast;
+
+    async fn open(url: &str) -> PgStore {
+        PgStore::open(url, StoreOptions::default())
+            .await
+            .expect("open the store")
+    }
+
+    fn new(queue: &str) -> NewRequest {
+        let mut n = coatcheck_store::conformance::new_request(queue);
+        n.id = new_request_id();
+        n
+    }
+
+    async fn submit(store: &dyn Store, queue: &str) -> String {
+        let p = SubmitParams {
+            new: new(queue),
+            idempotency: None,
+            now: truncate(chrono::Utc::now()),
+        };
+        match store.request_submit(p).await.expect("submit") {
+            Submitted::Created(r) => r.id,
+            Submitted::Replayed(r) => panic!("replayed {}", r.id),
+        }
+    }
+
+    /// The next change about `id` (skipping others), within `within`.
+    async fn change_of(
+        rx: &mut broadcast::Receiver<RemoteChange>,
+        id: &str,
+        within: Duration,
+    ) -> Option<RemoteChange> {
+        tokio::time::timeout(within, async {
+            loop {
+                match rx.recv().await {
+                    Ok(c @ RemoteChange::Request { .. }) => {
+                        if matches!(&c, RemoteChange::Request { id: got, .. } if got == id) {
+                            return c;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("feed: {e}"),
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_on_one_node_reaches_the_others_but_not_itself() {
+        let schema = TestSchema::create().await;
+        let a = open(&schema.url_with("pool_size=2")).await;
+        let b = open(&schema.url_with("pool_size=2")).await;
+        let mut at_a = a.remote_changes().expect("a feed");
+        let mut at_b = b.remote_changes().expect("a feed");
+
+        let t0 = Instant::now();
+        let id = submit(&a, "remote").await;
+        let got = change_of(&mut at_b, &id, Duration::from_secs(5))
+            .await
+            .expect("b hears of a's submit");
+        let took = t0.elapsed();
+        match got {
+            RemoteChange::Request { queue, status, .. } => {
+                assert_eq!(queue, "remote");
+                assert_eq!(status, Status::Queued);
+            }
+            other => panic!("{other:?}"),
+        }
+        eprintln!("submit on a → change at b: {took:?}");
+
+        // A claim on b carries the lease expiry to a.
+        let now = truncate(chrono::Utc::now());
+        let claimed = b
+            .request_claim(ClaimParams {
+                fairness: Default::default(),
+                queue: "remote".into(),
+                worker_id: "w".into(),
+                max: 1,
+                lease: Duration::from_secs(30),
+                now,
+            })
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 1);
+        match change_of(&mut at_a, &id, Duration::from_secs(5)).await {
+            Some(RemoteChange::Request {
+                status,
+                lease_expires_at,
+                ..
+            }) => {
+                assert_eq!(status, Status::Running);
+                assert_eq!(lease_expires_at, Some(add(now, Duration::from_secs(30))));
+            }
+            other => panic!("a hears of b's claim: {other:?}"),
+        }
+        // Neither hears of its own changes.
+        assert!(change_of(&mut at_a, &id, Duration::from_millis(300))
+            .await
+            .is_none());
+        assert!(change_of(&mut at_b, &id, Duration::from_millis(300))
+            .await
+            .is_none());
+        a.store_close().await;
+        b.store_close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reply_appended_on_one_node_wakes_the_channel_on_the_others() {
+        let schema = TestSchema::create().await;
+        let a = open(&schema.url_with("pool_size=2")).await;
+        let b = open(&schema.url_with("pool_size=2")).await;
+        let mut at_b = b.remote_changes().expect("a feed");
+        let mut n = new("replying");
+        n.reply_to = Some(coatcheck_core::ReplyTo::Channel("answers".into()));
+        let now = truncate(chrono::Utc::now());
+        a.request_submit(SubmitParams {
+            new: n,
+            idempotency: None,
+            now,
+        })
+        .await
+        .expect("submit");
+        let c = a
+            .request_claim(ClaimParams {
+                queue: "replying".into(),
+                worker_id: "w".into(),
+                max: 1,
+                lease: Duration::from_secs(30),
+                fairness: Default::default(),
+                now,
+            })
+            .await
+            .expect("claim")
+            .pop()
+            .expect("one");
+        a.request_settle_many(
+            vec![SettleParams {
+                id: c.id.clone(),
+                queue: None,
+                lease_token: c.lease.expect("leased").token,
+                settlement: Settlement::Complete {
+                    output: RawValue::from_string("1".into()).unwrap(),
+                },
+            }],
+            now,
+        )
+        .await
+        .expect("settle");
+        let woke = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match at_b.recv().await {
+                    Ok(RemoteChange::Channel { tenant, channel }) => return (tenant, channel),
+                    Ok(_) => {}
+                    Err(e) => panic!("feed: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("b hears of the reply");
+        assert_eq!(woke, ("t1".to_string(), "answers".to_string()));
+        a.store_close().await;
+        b.store_close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_listen_connection_reconnects_and_resyncs() {
+        let schema = TestSchema::create().await;
+        let a = open(&schema.url_with("pool_size=2")).await;
+        let b = open(&schema.url_with("pool_size=2")).await;
+        let mut at_b = b.remote_changes().expect("a feed");
+        // Every session of the schema ends: what a database restart does.
+        assert!(schema.terminate_sessions().await >= 2);
+        let resync = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Ok(RemoteChange::Resync) = at_b.recv().await {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(resync.is_ok(), "b resyncs after reconnecting");
+        // And hears of a's changes again (a's pool reconnects by itself;
+        // its first call may still meet a dead pooled connection).
+        let mut id = None;
+        for _ in 0..20 {
+            let p = SubmitParams {
+                new: new("after"),
+                idempotency: None,
+                now: truncate(chrono::Utc::now()),
+            };
+            match a.request_submit(p).await {
+                Ok(s) => {
+                    id = Some(match s {
+                        Submitted::Created(r) | Submitted::Replayed(r) => r.id,
+                    });
+                    break;
+                }
+                Err(StoreError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let id = id.expect("a submits again");
+        assert!(change_of(&mut at_b, &id, Duration::from_secs(10))
+            .await
+            .is_some());
+        a.store_close().await;
+        b.store_close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_database_is_unavailable_at_once_and_comes_back_by_itself() {
+        let schema = TestSchema::create().await;
+        let proxy = Proxy::start().await;
+        let store = open(&schema.url_via(proxy.addr(), "pool_size=2")).await;
+        let mut feed = store.remote_changes().expect("a feed");
+        store.store_ping().await.expect("ready");
+        submit(&store, "outage").await;
+
+        proxy.down();
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let res = store.store_ping().await;
+            assert!(
+                matches!(res, Err(StoreError::Unavailable(_))),
+                "ping while down: {res:?}"
+            );
+            let p = SubmitParams {
+                new: new("outage"),
+                idempotency: None,
+                now: truncate(chrono::Utc::now()),
+            };
+            let res = store.request_submit(p).await;
+            assert!(
+                matches!(res, Err(StoreError::Unavailable(_))),
+                "submit while down: {res:?}"
+            );
+            assert!(
+                t0.elapsed() < Duration::from_secs(6),
+                "bounded: {:?}",
+                t0.elapsed()
+            );
+        }
+
+        proxy.up();
+        let t0 = Instant::now();
+        while store.store_ping().await.is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "not back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        submit(&store, "outage").await;
+        // The LISTEN connection came back too, and said so.
+        let resync = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Ok(RemoteChange::Resync) = feed.recv().await {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(resync.is_ok(), "a resync after the outage");
+        store.store_close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ten_nodes_opening_at_once_migrate_once() {
+        let schema = TestSchema::create().await;
+        let url = schema.url_with("pool_size=1");
+        let opens: Vec<_> = (0..10)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { open(&url).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for o in opens {
+            stores.push(o.await.expect("open task"));
+        }
+        let (client, conn) = tokio_postgres::connect(
+            &coatcheck_store_postgres::testing::base_url(),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect");
+        tokio::spawn(conn);
+        let q = format!(
+            "SELECT version FROM \"{}\".schema_migrations ORDER BY version",
+            schema.name()
+        );
+        let versions: Vec<i32> = client
+            .query(&q, &[])
+            .await
+            .expect("versions")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+            .expect("migrations dir")
+            .count() as i32;
+        assert_eq!(
+            versions,
+            (1..=files).collect::<Vec<_>>(),
+            "each applied once"
+        );
+        for s in &stores {
+            s.store_close().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purge_deletes_finished_requests_in_bounded_batches() {
+        let schema = TestSchema::create().await;
+        let store = open(&schema.url_with("pool_size=2")).await;
+        let t0 = truncate(chrono::Utc::now());
+        let mut done = Vec::new();
+        for _ in 0..5 {
+            let id = submit(&store, "purge").await;
+            let c = store
+                .request_claim(ClaimParams {
+                    fairness: Default::default(),
+                    queue: "purge".into(),
+                    worker_id: "w".into(),
+                    max: 1,
+                    lease: Duration::from_secs(30),
+                    now: t0,
+                })
+                .await
+                .expect("claim")
+                .pop()
+                .expect("one");
+            let token = c.lease.expect("leased").token;
+            store
+                .request_settle_many(
+                    vec![SettleParams {
+                        id: id.clone(),
+                        queue: None,
+                        lease_token: token,
+                        settlement: Settlement::Complete {
+                            output: RawValue::from_string("1".into()).unwrap(),
+                        },
+                    }],
+                    t0,
+                )
+                .await
+                .expect("settle")
+                .pop()
+                .expect("one")
+                .expect("complete");
+            done.push(id);
+        }
+        let live = submit(&store, "purge").await;
+        let later = add(t0, Duration::from_secs(1));
+        assert_eq!(store.request_purge(later, 3).await.expect("purge"), 3);
+        assert_eq!(store.request_purge(later, 3).await.expect("purge"), 2);
+        assert_eq!(store.request_purge(later, 3).await.expect("purge"), 0);
+        for id in &done {
+            assert!(matches!(
+                store.request_get(RequestRef::any(id)).await,
+                Err(StoreError::NotFound)
+            ));
+            assert!(matches!(
+                store.request_history(RequestRef::any(id), 0).await,
+                Err(StoreError::NotFound)
+            ));
+        }
+        store
+            .request_get(RequestRef::any(&live))
+            .await
+            .expect("an unfinished request stays");
+        store.store_close().await;
+    }
+}
