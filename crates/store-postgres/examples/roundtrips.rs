@@ -56,6 +56,9 @@ async fn main() {
     // and complete each batch in one settlement.
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
+    let claim_us = Arc::new(AtomicU64::new(0));
+    let settle_us = Arc::new(AtomicU64::new(0));
+    let claims = Arc::new(AtomicU64::new(0));
     let submitted = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -78,8 +81,10 @@ async fn main() {
     };
     for w in 0..workers {
         let (store, stop, done) = (store.clone(), stop.clone(), done.clone());
+        let (claim_us, settle_us, claims) = (claim_us.clone(), settle_us.clone(), claims.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
                 let got = store
                     .request_claim(ClaimParams {
                         fairness: Default::default(),
@@ -91,10 +96,13 @@ async fn main() {
                     })
                     .await
                     .expect("claim");
+                claim_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                claims.fetch_add(1, Ordering::Relaxed);
                 if got.is_empty() {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 }
+                let t = Instant::now();
                 let items = got
                     .iter()
                     .map(|r| SettleParams {
@@ -113,6 +121,7 @@ async fn main() {
                     .into_iter()
                     .filter(|r| r.is_ok())
                     .count();
+                settle_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
                 done.fetch_add(n as u64, Ordering::Relaxed);
             }
         }));
@@ -138,6 +147,13 @@ async fn main() {
         workers,
         (s1 - s0) as f64 / el,
         (d1 - d0) as f64 / el
+    );
+    let c = claims.load(Ordering::Relaxed).max(1);
+    println!(
+        "claims: {c}, mean claim {} us, mean settlement {} us, mean batch {:.1}",
+        claim_us.load(Ordering::Relaxed) / c,
+        settle_us.load(Ordering::Relaxed) / c,
+        done.load(Ordering::Relaxed) as f64 / c as f64
     );
     store.store_close().await;
     if std::env::var("ROUNDTRIPS_KEEP").is_ok() {

@@ -205,10 +205,11 @@ impl Inner {
             }
         }
         let key_limit = (max * 4 + 64) as i64;
-        let mut below = i64::MAX;
+        // The next level is at or below this.
+        let mut at_most = i32::MAX;
         while out.len() < max {
             let rows = tx
-                .query(sql::LEVEL_KEYS, &[&p.queue, &below, &key_limit])
+                .query(sql::LEVEL_KEYS, &[&p.queue, &at_most, &key_limit])
                 .await?;
             let Some(first) = rows.first() else { break };
             let priority: i32 = first.try_get(0).map_err(internal)?;
@@ -292,7 +293,10 @@ impl Inner {
                     break;
                 }
             }
-            below = priority as i64;
+            match priority.checked_sub(1) {
+                Some(next) => at_most = next,
+                None => break,
+            }
         }
         Ok((out, batch, moved))
     }

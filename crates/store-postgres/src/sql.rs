@@ -74,24 +74,26 @@ pub const LOCK_REQUESTS: &str = concat!(
     " WHERE r.id = ANY($1) ORDER BY r.id FOR UPDATE OF r"
 );
 
-/// Fair claims, step 1: the highest priority level below `$2` with queued
-/// requests, and its fairness keys in order (at most `$3`), found by a
-/// loose index scan of `requests_fair` — one seek per key, however deep the
-/// backlog.
-pub const LEVEL_KEYS: &str = "WITH RECURSIVE lvl AS (\
-      SELECT max(priority) AS p FROM requests \
-      WHERE queue = $1 AND status = 'queued' AND priority < $2::bigint), \
+/// Fair claims, step 1: the highest priority level at or below `$2` with
+/// queued requests, and its fairness keys in order (at most `$3`), found by
+/// a loose index scan of `requests_fair` — one index seek per key, however
+/// deep the backlog. (The level is a scalar subquery, not a join, so that
+/// each seek has it as an index condition.)
+pub const LEVEL_KEYS: &str = "WITH RECURSIVE lvl AS MATERIALIZED (\
+      SELECT (SELECT priority FROM requests \
+              WHERE queue = $1 AND status = 'queued' AND priority <= $2 \
+              ORDER BY priority DESC LIMIT 1) AS p), \
     keys AS (\
-      (SELECT r.fairness_key AS k FROM requests r, lvl \
-       WHERE r.queue = $1 AND r.status = 'queued' AND r.priority = lvl.p \
+      (SELECT r.fairness_key AS k FROM requests r \
+       WHERE r.queue = $1 AND r.status = 'queued' AND r.priority = (SELECT p FROM lvl) \
        ORDER BY r.fairness_key LIMIT 1) \
       UNION ALL \
-      SELECT (SELECT r.fairness_key FROM requests r, lvl \
-              WHERE r.queue = $1 AND r.status = 'queued' AND r.priority = lvl.p \
+      SELECT (SELECT r.fairness_key FROM requests r \
+              WHERE r.queue = $1 AND r.status = 'queued' AND r.priority = (SELECT p FROM lvl) \
                 AND r.fairness_key > keys.k \
               ORDER BY r.fairness_key LIMIT 1) \
       FROM keys WHERE keys.k IS NOT NULL) \
-    SELECT lvl.p, keys.k FROM lvl, keys WHERE keys.k IS NOT NULL LIMIT $3";
+    SELECT (SELECT p FROM lvl), k FROM keys WHERE k IS NOT NULL LIMIT $3";
 
 /// Fair claims, step 2: the oldest claimable requests of one key at one
 /// priority, locked; rows another claim holds are skipped, not waited for.

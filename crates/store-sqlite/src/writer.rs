@@ -46,6 +46,17 @@ pub enum Cmd {
     Secret(String, Reply<Vec<u8>>),
 }
 
+impl Cmd {
+    /// Whether the caller's acknowledgement promises the change is on disk:
+    /// a 202 (submit), a completion or failure, a cancel, a redrive, an ack.
+    fn must_be_durable(&self) -> bool {
+        matches!(
+            self,
+            Cmd::Submit(..) | Cmd::Settle(..) | Cmd::Cancel(..) | Cmd::Redrive(..) | Cmd::ChannelAck(..)
+        )
+    }
+}
+
 /// An answer held back until the commit: called with the commit's error, if any.
 type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
@@ -65,6 +76,7 @@ pub fn run(conn: Connection, rx: mpsc::Receiver<Cmd>, retry: RetryPolicy) {
         conn,
         retry,
         cursors: Default::default(),
+        sync_full: std::cell::Cell::new(true),
     };
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
@@ -82,6 +94,8 @@ pub fn run(conn: Connection, rx: mpsc::Receiver<Cmd>, retry: RetryPolicy) {
 struct Writer {
     conn: Connection,
     retry: RetryPolicy,
+    /// Whether the connection is in `synchronous=FULL` now.
+    sync_full: std::cell::Cell<bool>,
     /// Per queue: the priority level and fairness key served last, and how
     /// many of its weight it has used this turn.
     cursors: std::cell::RefCell<std::collections::HashMap<String, (i64, String, u32)>>,
@@ -90,6 +104,7 @@ struct Writer {
 impl Writer {
     fn apply_batch(&self, batch: Vec<Cmd>) {
         let mut answers: Vec<Pending> = Vec::with_capacity(batch.len());
+        self.set_sync(batch.iter().any(Cmd::must_be_durable));
         if let Err(e) = self
             .conn
             .execute_batch("BEGIN IMMEDIATE")
@@ -114,6 +129,23 @@ impl Writer {
         }
         for a in answers {
             a(commit_err.as_ref());
+        }
+    }
+
+    /// `synchronous=FULL` (the commit fsyncs the WAL) for a batch that holds
+    /// anything whose acknowledgement promises durability; `NORMAL` (no
+    /// fsync; still crash-safe for the process, and never corrupting) for a
+    /// batch of claims, heartbeats, receives and background work, whose loss
+    /// in a power cut only repeats work: a lost claim's lease is simply
+    /// gone, and its request is claimed again. The WAL is sequential, so the
+    /// next FULL commit makes every earlier one durable too.
+    fn set_sync(&self, full: bool) {
+        if self.sync_full.get() != full {
+            let mode = if full { "FULL" } else { "NORMAL" };
+            match self.conn.pragma_update(None, "synchronous", mode) {
+                Ok(()) => self.sync_full.set(full),
+                Err(e) => tracing::error!(error = %e, "cannot switch synchronous mode; staying as is"),
+            }
         }
     }
 

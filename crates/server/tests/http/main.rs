@@ -5,6 +5,7 @@
 mod claims;
 mod failures;
 mod fallback;
+mod fuzz;
 mod helpers;
 mod list;
 mod ops;
