@@ -27,7 +27,7 @@ async fn main() {
     let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
     let claim_max: u32 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10);
     let schema = TestSchema::create().await;
-    let store: Arc<dyn Store> = Arc::new(
+    let pg = Arc::new(
         PgStore::open(
             &schema.url_with(
                 &std::env::var("ROUNDTRIPS_URL_EXTRA").unwrap_or_else(|_| "pool_size=16".into()),
@@ -37,19 +37,50 @@ async fn main() {
         .await
         .expect("open"),
     );
+    let store: Arc<dyn Store> = pg.clone();
 
-    // One round trip at a time: latency.
+    // One round trip at a time: latency, and the database's CPU time per
+    // step (all postgres processes of this machine, read from /proc: run it
+    // where nothing else uses the server).
     let mut lat = Vec::new();
-    for _ in 0..200 {
+    let (mut submit_cpu, mut claim_cpu, mut settle_cpu) = (0u64, 0u64, 0u64);
+    const N: usize = 1000;
+    for _ in 0..N {
         let t = Instant::now();
-        round_trip(&*store, "lat").await;
+        let c0 = pg_cpu_ticks();
+        store
+            .request_submit(submit_params("lat"))
+            .await
+            .expect("submit");
+        let c1 = pg_cpu_ticks();
+        let got = store
+            .request_claim(claim_params("lat", 1))
+            .await
+            .expect("claim");
+        let c2 = pg_cpu_ticks();
+        store
+            .request_settle_many(completions(&got), now())
+            .await
+            .expect("settle");
+        let c3 = pg_cpu_ticks();
         lat.push(t.elapsed());
+        submit_cpu += c1 - c0;
+        claim_cpu += c2 - c1;
+        settle_cpu += c3 - c2;
     }
     lat.sort();
+    for p in pg.xx_plans().await {
+        println!("{p:?}");
+    }
+    let ms = |ticks: u64| ticks as f64 * 10.0 / N as f64; // 100 ticks a second
     println!(
-        "sequential round trip (submit, claim, complete): p50 {:?}, p99 {:?}",
+        "sequential round trip (submit, claim, complete): p50 {:?}, p99 {:?}; \
+         database CPU per step: submit {:.2} ms, claim {:.2} ms, complete {:.2} ms",
         lat[lat.len() / 2],
-        lat[lat.len() * 99 / 100]
+        lat[lat.len() * 99 / 100],
+        ms(submit_cpu),
+        ms(claim_cpu),
+        ms(settle_cpu),
     );
 
     // Many at once: throughput. Clients submit; workers claim in batches
@@ -162,6 +193,58 @@ async fn main() {
     }
 }
 
+/// CPU time (user + system, in clock ticks) of every postgres process.
+fn pg_cpu_ticks() -> u64 {
+    let mut total = 0;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for e in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some((name, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        if !name.ends_with("(postgres") {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After "pid (comm) ": state is field 3, utime 14, stime 15.
+        let t = |i: usize| {
+            f.get(i - 3)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        total += t(14) + t(15);
+    }
+    total
+}
+
+fn claim_params(queue: &str, max: u32) -> ClaimParams {
+    ClaimParams {
+        fairness: Default::default(),
+        queue: queue.into(),
+        worker_id: "w".into(),
+        max,
+        lease: Duration::from_secs(60),
+        now: now(),
+    }
+}
+
+fn completions(got: &[coatcheck_core::Request]) -> Vec<SettleParams> {
+    got.iter()
+        .map(|r| SettleParams {
+            id: r.id.clone(),
+            queue: None,
+            lease_token: r.lease.as_ref().unwrap().token.clone(),
+            settlement: Settlement::Complete {
+                output: RawValue::from_string("{\"echo\":true}".into()).unwrap(),
+            },
+        })
+        .collect()
+}
+
 fn submit_params(queue: &str) -> SubmitParams {
     let mut new = coatcheck_store::conformance::new_request(queue);
     new.input = RawValue::from_string("{\"n\":1}".into()).unwrap();
@@ -170,37 +253,4 @@ fn submit_params(queue: &str) -> SubmitParams {
         idempotency: None,
         now: now(),
     }
-}
-
-async fn round_trip(store: &dyn Store, queue: &str) {
-    store
-        .request_submit(submit_params(queue))
-        .await
-        .expect("submit");
-    let got = store
-        .request_claim(ClaimParams {
-            fairness: Default::default(),
-            queue: queue.into(),
-            worker_id: "w".into(),
-            max: 1,
-            lease: Duration::from_secs(60),
-            now: now(),
-        })
-        .await
-        .expect("claim");
-    let r = &got[0];
-    store
-        .request_settle_many(
-            vec![SettleParams {
-                id: r.id.clone(),
-                queue: None,
-                lease_token: r.lease.as_ref().unwrap().token.clone(),
-                settlement: Settlement::Complete {
-                    output: RawValue::from_string("1".into()).unwrap(),
-                },
-            }],
-            now(),
-        )
-        .await
-        .expect("settle");
 }

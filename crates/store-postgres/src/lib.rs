@@ -14,9 +14,14 @@
 //!   lock and read", "write everything + commit"), a submit one (`tx.rs`).
 //! - **Row locks serialize writers of one request** (`SELECT … FOR
 //!   UPDATE`); **sweeps skip what others hold** (`FOR UPDATE SKIP LOCKED`):
-//!   batched claims in priority-then-insertion order, lease expiry, deadline
-//!   expiry, webhook and channel deliveries. Every node runs every
-//!   background service at once; no leader, no double transition (`write.rs`).
+//!   batched claims, lease expiry, deadline expiry, webhook and channel
+//!   deliveries. Every node runs every background service at once; no
+//!   leader, no double transition (`write.rs`).
+//! - **Fair claims planned whole** (`claim.rs`): priority, then turns across
+//!   fairness keys found by a loose index scan, then each key's oldest —
+//!   three round trips per claim however many keys. The rotation cursor is
+//!   per node; running caps are strict across nodes (an advisory lock per
+//!   capped queue).
 //! - **Built for churn** (`migrations/0001_init.sql`): the hot `requests`
 //!   row holds only what transitions change; payloads live in
 //!   `request_payloads`, history in its own insert-only table; the indexes
@@ -27,8 +32,9 @@
 //! - **Wake-ups across nodes over LISTEN/NOTIFY** ([`listen`]), sent right
 //!   after each commit by a per-node bus (not inside the write transaction:
 //!   PostgreSQL serializes notifying commits, which would cost most of the
-//!   throughput), received as [`RemoteChange`]s; a dropped listening
-//!   connection reconnects and makes everyone re-check.
+//!   throughput), received as [`RemoteChange`]s (requests, channel replies,
+//!   webhook deliveries due); a dropped listening connection reconnects and
+//!   makes everyone re-check.
 //! - **Bounded failure**: a call waits at most 5 s for a connection; an
 //!   unreachable, restarting or overloaded database is
 //!   [`StoreError::Unavailable`] (HTTP 503 + `Retry-After`), never an
@@ -166,6 +172,13 @@ impl PgStore {
             closed: AtomicBool::new(false),
             options,
         })
+    }
+
+    #[doc(hidden)]
+    pub async fn xx_plans(&self) -> Vec<(String, i64, i64)> {
+        let c = self.inner.pool.get().await.unwrap();
+        c.query("SELECT left(regexp_replace(statement, '\\s+', ' ', 'g'), 70), generic_plans, custom_plans FROM pg_prepared_statements", &[]).await.unwrap()
+            .iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
     }
 
     /// The parsed connection options.

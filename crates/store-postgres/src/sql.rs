@@ -185,6 +185,11 @@ pub const UPDATE_PAYLOADS: &str = "UPDATE request_payloads AS p \
   FROM unnest($1::text[], $2::text[], $3::text[]) AS v(id, output, progress) \
   WHERE p.id = v.id AND p.id = ANY($1)";
 
+/// The payloads a transition changed, for one request (a statement of its
+/// own: the many-row form above is planned anew at every execution).
+pub const UPDATE_PAYLOAD: &str =
+    "UPDATE request_payloads SET output = $2, progress = $3 WHERE id = $1";
+
 /// History events of many requests.
 pub const INSERT_HISTORY: &str = "INSERT INTO history (request_id, seq, at, event) \
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[])";
@@ -613,5 +618,18 @@ impl PayloadUpdates {
 
     pub fn params(&self) -> [&(dyn ToSql + Sync); 3] {
         [&self.id, &self.output, &self.progress]
+    }
+
+    /// The statement and parameters that write these payloads: the
+    /// one-row statement for one request, else the many-row one.
+    pub fn write(&self) -> (&'static str, Vec<&(dyn ToSql + Sync)>) {
+        if self.id.len() == 1 {
+            (
+                UPDATE_PAYLOAD,
+                vec![&self.id[0], &self.output[0], &self.progress[0]],
+            )
+        } else {
+            (UPDATE_PAYLOADS, self.params().to_vec())
+        }
     }
 }

@@ -119,14 +119,14 @@ impl Batch {
             }
         }
         let update_params = updates.params();
-        let payload_params = payloads.params();
+        let payload_write = payloads.write();
         let history_params = self.history.params();
         let mut writes: Vec<Write<'_>> = Vec::new();
         if !updates.is_empty() {
             writes.push((sql::UPDATE_REQUESTS, update_params.to_vec()));
         }
         if !payloads.is_empty() {
-            writes.push((sql::UPDATE_PAYLOADS, payload_params.to_vec()));
+            writes.push(payload_write);
         }
         if !self.history.is_empty() {
             writes.push((sql::INSERT_HISTORY, history_params.to_vec()));
@@ -354,7 +354,13 @@ impl Inner {
         ids.sort_unstable();
         ids.dedup();
         let mut tx = Tx::start(&self.pool).await?;
-        let rows = match tx.query(sql::LOCK_REQUESTS, &[&ids]).await {
+        // One request (the common case) by the one-row statement: the
+        // many-row one is planned anew at every execution.
+        let locked = match ids.as_slice() {
+            [one] => tx.query(sql::LOCK_REQUEST, &[one]).await,
+            _ => tx.query(sql::LOCK_REQUESTS, &[&ids]).await,
+        };
+        let rows = match locked {
             Ok(rows) => rows,
             Err(e) => return tx.end(Err(e)).await,
         };

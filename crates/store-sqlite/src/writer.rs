@@ -52,7 +52,13 @@ impl Cmd {
     fn must_be_durable(&self) -> bool {
         matches!(
             self,
-            Cmd::Submit(..) | Cmd::Settle(..) | Cmd::Cancel(..) | Cmd::Redrive(..) | Cmd::ChannelAck(..)
+            Cmd::Submit(..)
+                | Cmd::Settle(..)
+                | Cmd::Cancel(..)
+                | Cmd::Redrive(..)
+                | Cmd::ChannelAck(..)
+                // Once: tokens signed with a secret lost to a power cut would all turn invalid.
+                | Cmd::Secret(..)
         )
     }
 }
@@ -144,7 +150,9 @@ impl Writer {
             let mode = if full { "FULL" } else { "NORMAL" };
             match self.conn.pragma_update(None, "synchronous", mode) {
                 Ok(()) => self.sync_full.set(full),
-                Err(e) => tracing::error!(error = %e, "cannot switch synchronous mode; staying as is"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot switch synchronous mode; staying as is")
+                }
             }
         }
     }

@@ -166,6 +166,46 @@ async fn submit_on_a_wakes_a_claim_on_b_and_completing_on_b_wakes_a_long_poll_on
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_appended_on_one_node_wakes_a_channel_long_poll_on_another() {
+    let schema = TestSchema::create().await;
+    let (_dir, nodes) = cluster(&schema, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let http = http();
+    let id = submit(
+        &http,
+        a,
+        "mn-reply",
+        json!({"input": 1, "reply_to": {"channel": "mn-answers"}}),
+    )
+    .await;
+    let got = claim(&http, a, "mn-reply", "w-a", 1, 30.0, 5.0).await;
+    let receiving = {
+        let (http, url) = (http.clone(), b.url.clone());
+        tokio::spawn(async move {
+            let v = get(
+                &http,
+                format!("{url}/v1/channels/mn-answers/messages?wait=30"),
+            )
+            .await;
+            (v, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        complete(&http, a, &got[0], json!({"answer": 42})).await,
+        200
+    );
+    let completed = Instant::now();
+    let ((status, v), woke_at) = receiving.await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["messages"][0]["request_id"], id.as_str());
+    assert_eq!(v["messages"][0]["output"], json!({"answer": 42}));
+    let woke = woke_at.saturating_duration_since(completed);
+    assert!(woke < Duration::from_secs(2), "{woke:?}");
+    eprintln!("reply on A → channel long-poll on B: {woke:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_while_holding_a_lease_is_covered_by_another_nodes_reaper() {
     let schema = TestSchema::create().await;
     let (_dir, mut nodes) = cluster(&schema, 3).await;
