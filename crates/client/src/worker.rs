@@ -422,7 +422,7 @@ async fn run_job<T, O, H, Fut>(
     settler: Settler,
     handler: Arc<H>,
     claimed: ClaimedRequest,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 ) where
     T: DeserializeOwned + Send + 'static,
     O: Serialize + Send + 'static,
@@ -473,6 +473,10 @@ async fn run_job<T, O, H, Fut>(
         }
     };
     shared.finished.store(true, Ordering::Release);
+    // The handler is done: its slot is free for the next claim while the
+    // outcome is sent (settles are batched and retried on their own), so
+    // claiming overlaps settling instead of waiting a round trip for it.
+    drop(permit);
     if shared.lost.load(Ordering::Acquire) {
         // The lease is gone (LeaseLost was reported): nothing to settle.
         return;

@@ -52,6 +52,7 @@
 mod claim;
 pub mod config;
 pub mod error;
+mod group;
 pub mod listen;
 pub mod migrate;
 mod read;
@@ -100,6 +101,9 @@ pub(crate) struct Inner {
     pub(crate) pool: Pool,
     pub(crate) retry: RetryPolicy,
     pub(crate) cursors: claim::Cursors,
+    /// Submits and settlements, group-committed.
+    pub(crate) submits: group::Group<group::Submit>,
+    pub(crate) settles: group::Group<group::Settle>,
     bus: Bus,
 }
 
@@ -162,13 +166,18 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| OpenError::Connect(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            pool,
+            retry: opts.retry,
+            cursors: Default::default(),
+            submits: group::Group::new(),
+            settles: group::Group::new(),
+            bus,
+        });
+        inner.submits.start(&inner, group::write_submits);
+        inner.settles.start(&inner, group::write_settles);
         Ok(PgStore {
-            inner: Arc::new(Inner {
-                pool,
-                retry: opts.retry,
-                cursors: Default::default(),
-                bus,
-            }),
+            inner,
             closed: AtomicBool::new(false),
             options,
         })
@@ -334,6 +343,9 @@ impl Store for PgStore {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        // What was handed over is written; the writers then stop.
+        self.inner.submits.close().await;
+        self.inner.settles.close().await;
         self.inner.bus.close().await;
         self.inner.pool.close();
     }

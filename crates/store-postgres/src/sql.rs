@@ -157,6 +157,22 @@ pub const INSERT_REQUEST: &str = "WITH r AS (\
     SELECT $1::text, h.seq, h.at, h.event \
     FROM unnest($32::bigint[], $33::timestamptz[], $34::text[]) AS h(seq, at, event)";
 
+/// New requests (many submits group-committed in one statement): rows,
+/// payloads and first history events from parallel arrays. Rows go in in
+/// array order, so `seq` (the FIFO tie-break) follows arrival order.
+pub const INSERT_REQUESTS: &str = "WITH r AS (\
+    INSERT INTO requests (id, tenant, queue, status, priority, attempts, max_attempts, \
+        cancel_requested, correlation_id, error, fallback_queue, fallback_of, fallback_request_id, \
+        fairness_key, created_at, updated_at, run_after, deadline, finished_at, history_seq) \
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], \
+        $6::integer[], $7::integer[], $8::boolean[], $9::text[], $10::text[], $11::text[], \
+        $12::text[], $13::text[], $14::text[], $15::timestamptz[], $16::timestamptz[], \
+        $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $20::bigint[])), \
+  p AS (INSERT INTO request_payloads (id, input, reply_to, metadata) \
+    SELECT * FROM unnest($1::text[], $21::text[], $22::text[], $23::text[])) \
+  INSERT INTO history (request_id, seq, at, event) \
+    SELECT * FROM unnest($24::text[], $25::bigint[], $26::timestamptz[], $27::text[])";
+
 /// Everything a transition may change in the hot row, for many requests.
 /// Identity, input and idempotency never change. (`r.id = ANY($1)`
 /// repeats the join key so that even a generic plan, which cannot see how
@@ -631,5 +647,106 @@ impl PayloadUpdates {
         } else {
             (UPDATE_PAYLOADS, self.params().to_vec())
         }
+    }
+}
+
+/// New requests as the parallel arrays of [`INSERT_REQUESTS`] (fresh
+/// submits only: no lease, output, progress or idempotency key yet).
+#[derive(Default)]
+pub struct NewRows {
+    id: Vec<String>,
+    tenant: Vec<String>,
+    queue: Vec<String>,
+    status: Vec<&'static str>,
+    priority: Vec<i32>,
+    attempts: Vec<i32>,
+    max_attempts: Vec<i32>,
+    cancel_requested: Vec<bool>,
+    correlation_id: Vec<Option<String>>,
+    error: Vec<Option<String>>,
+    fallback_queue: Vec<Option<String>>,
+    fallback_of: Vec<Option<String>>,
+    fallback_request_id: Vec<Option<String>>,
+    fairness_key: Vec<String>,
+    created_at: Vec<Ts>,
+    updated_at: Vec<Ts>,
+    run_after: Vec<Option<Ts>>,
+    deadline: Vec<Option<Ts>>,
+    finished_at: Vec<Option<Ts>>,
+    history_seq: Vec<i64>,
+    input: Vec<String>,
+    reply_to: Vec<Option<String>>,
+    metadata: Vec<Option<String>>,
+    history: History,
+}
+
+impl NewRows {
+    /// Adds a new request and its first events.
+    pub fn push(&mut self, req: &Request, events: &[HistoryEvent]) -> Result<()> {
+        let metadata = (!req.metadata.is_empty()).then_some(&req.metadata);
+        let (error, reply_to, metadata) = (
+            to_json(req.error.as_ref())?,
+            to_json(req.reply_to.as_ref())?,
+            to_json(metadata)?,
+        );
+        self.history.push(&req.id, events)?;
+        self.id.push(req.id.clone());
+        self.tenant.push(req.tenant.clone());
+        self.queue.push(req.queue.clone());
+        self.status.push(req.status.as_str());
+        self.priority.push(req.priority);
+        self.attempts.push(req.attempts as i32);
+        self.max_attempts.push(req.max_attempts as i32);
+        self.cancel_requested.push(req.cancel_requested);
+        self.correlation_id.push(req.correlation_id.clone());
+        self.error.push(error);
+        self.fallback_queue.push(req.fallback_queue.clone());
+        self.fallback_of.push(req.fallback_of.clone());
+        self.fallback_request_id
+            .push(req.fallback_request_id.clone());
+        self.fairness_key.push(req.fairness_key.clone());
+        self.created_at.push(req.created_at);
+        self.updated_at.push(req.updated_at);
+        self.run_after.push(req.run_after);
+        self.deadline.push(req.deadline);
+        self.finished_at.push(req.finished_at);
+        self.history_seq.push(req.history_seq as i64);
+        self.input.push(req.input.get().to_string());
+        self.reply_to.push(reply_to);
+        self.metadata.push(metadata);
+        Ok(())
+    }
+
+    pub fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let h = self.history.params();
+        vec![
+            &self.id,
+            &self.tenant,
+            &self.queue,
+            &self.status,
+            &self.priority,
+            &self.attempts,
+            &self.max_attempts,
+            &self.cancel_requested,
+            &self.correlation_id,
+            &self.error,
+            &self.fallback_queue,
+            &self.fallback_of,
+            &self.fallback_request_id,
+            &self.fairness_key,
+            &self.created_at,
+            &self.updated_at,
+            &self.run_after,
+            &self.deadline,
+            &self.finished_at,
+            &self.history_seq,
+            &self.input,
+            &self.reply_to,
+            &self.metadata,
+            h[0],
+            h[1],
+            h[2],
+            h[3],
+        ]
     }
 }

@@ -255,21 +255,24 @@ impl Inner {
     pub async fn submit(&self, p: SubmitParams) -> Result<Submitted> {
         let now = truncate(p.now);
         let (req, events) = rules::submit(p.new, now);
-        let idem_key = p.idempotency.as_ref().map(|i| i.key.as_str());
-        let row = NewRow::new(&req, &events, idem_key)?;
         match &p.idempotency {
             None => {
-                let client = self.pool.get().await.map_err(pool)?;
-                let stmt = client
-                    .prepare_cached(sql::INSERT_REQUEST)
-                    .await
-                    .map_err(classify)?;
-                client
-                    .execute(&stmt, &row.params())
-                    .await
-                    .map_err(classify)?;
+                // Group-committed with other submits (see `group.rs`),
+                // which also announces it.
+                let (done, written) = tokio::sync::oneshot::channel();
+                let call = crate::group::Submit {
+                    req: req.clone(),
+                    events,
+                    done,
+                };
+                if !self.submits.send(call) {
+                    return Err(crate::tx::closed());
+                }
+                written.await.map_err(|_| crate::tx::closed())??;
+                return Ok(Submitted::Created(req));
             }
             Some(idem) => {
+                let row = NewRow::new(&req, &events, Some(&idem.key))?;
                 let mut tx = Tx::start(&self.pool).await?;
                 let taken = tx
                     .query(
@@ -341,16 +344,30 @@ impl Inner {
         Ok(changed)
     }
 
+    /// Settlements, group-committed with other callers' (see `group.rs`).
     pub async fn settle_many(
         &self,
         items: Vec<SettleParams>,
         now: Ts,
     ) -> Result<Vec<Result<Changed>>> {
-        let now = truncate(now);
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let mut ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        let (done, settled) = tokio::sync::oneshot::channel();
+        let call = crate::group::Settle { items, now, done };
+        if !self.settles.send(call) {
+            return Err(crate::tx::closed());
+        }
+        settled.await.map_err(|_| crate::tx::closed())?
+    }
+
+    /// Applies settlement items (each with its own `now`) in one
+    /// transaction; each item's outcome is independent of the others'.
+    pub async fn settle_items(
+        &self,
+        items: Vec<(SettleParams, Ts)>,
+    ) -> Result<Vec<Result<Changed>>> {
+        let mut ids: Vec<&str> = items.iter().map(|(i, _)| i.id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
         let mut tx = Tx::start(&self.pool).await?;
@@ -375,7 +392,8 @@ impl Inner {
             current.insert(req.id.clone(), req);
         }
         let mut out = Vec::with_capacity(items.len());
-        for item in items {
+        for (item, now) in items {
+            let now = truncate(now);
             let res = match current.get(&item.id) {
                 None => Err(StoreError::NotFound),
                 Some(req) if item.queue.as_ref().is_some_and(|q| *q != req.queue) => {

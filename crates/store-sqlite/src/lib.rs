@@ -165,7 +165,7 @@ fn closed() -> StoreError {
 #[async_trait]
 impl Store for SqliteStore {
     async fn due_times(&self, now: Ts) -> Result<DueTimes> {
-        self.reads.run(move |c| read::due_times(c, now)).await
+        self.reads.run_now(|c| read::due_times(c, now))
     }
 
     async fn channel_ack(
@@ -230,16 +230,14 @@ impl Store for SqliteStore {
     }
 
     async fn request_get(&self, r: RequestRef) -> Result<Request> {
-        self.reads.run(move |c| read::get(c, &r)).await
+        self.reads.run_now(|c| read::get(c, &r))
     }
 
     async fn request_history(&self, r: RequestRef, after_seq: u64) -> Result<Vec<HistoryEvent>> {
-        self.reads
-            .run(move |c| {
-                read::get(c, &r)?;
-                sql::history(c, &r.id, after_seq)
-            })
-            .await
+        self.reads.run_now(|c| {
+            read::get(c, &r)?;
+            sql::history(c, &r.id, after_seq)
+        })
     }
 
     async fn request_list(&self, p: ListParams) -> Result<Vec<Request>> {

@@ -46,7 +46,18 @@ impl ReadPool {
         }
     }
 
-    /// Runs `f` on a read connection in a blocking task.
+    /// Runs a point read (one row by key, a request's history) on a read
+    /// connection right here: it takes microseconds and never waits for the
+    /// writer (WAL), so a hand-off to a blocking thread would cost more than
+    /// the read itself.
+    pub fn run_now<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.take()?;
+        let res = f(&conn);
+        self.give_back(conn);
+        res
+    }
+
+    /// Runs `f` on a read connection in a blocking task (scans: lists, stats).
     pub async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,

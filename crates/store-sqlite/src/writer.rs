@@ -46,6 +46,18 @@ pub enum Cmd {
     Secret(String, Reply<Vec<u8>>),
 }
 
+/// Transaction control through the statement cache: `execute_batch` would
+/// parse the SQL again on every call, and these run several times per command.
+trait Exec {
+    fn exec(&self, sql: &str) -> rusqlite::Result<()>;
+}
+
+impl Exec for Connection {
+    fn exec(&self, sql: &str) -> rusqlite::Result<()> {
+        self.prepare_cached(sql)?.execute([]).map(|_| ())
+    }
+}
+
 impl Cmd {
     /// Whether the caller's acknowledgement promises the change is on disk:
     /// a 202 (submit), a completion or failure, a cancel, a redrive, an ack.
@@ -111,11 +123,7 @@ impl Writer {
     fn apply_batch(&self, batch: Vec<Cmd>) {
         let mut answers: Vec<Pending> = Vec::with_capacity(batch.len());
         self.set_sync(batch.iter().any(Cmd::must_be_durable));
-        if let Err(e) = self
-            .conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(sql::classify)
-        {
+        if let Err(e) = self.conn.exec("BEGIN IMMEDIATE").map_err(sql::classify) {
             for cmd in batch {
                 answers.push(self.refuse(cmd, e.clone()));
             }
@@ -125,13 +133,9 @@ impl Writer {
         for cmd in batch {
             answers.push(self.apply_in_savepoint(cmd));
         }
-        let commit_err = self
-            .conn
-            .execute_batch("COMMIT")
-            .map_err(sql::classify)
-            .err();
+        let commit_err = self.conn.exec("COMMIT").map_err(sql::classify).err();
         if commit_err.is_some() {
-            let _ = self.conn.execute_batch("ROLLBACK");
+            let _ = self.conn.exec("ROLLBACK");
         }
         for a in answers {
             a(commit_err.as_ref());
@@ -147,8 +151,12 @@ impl Writer {
     /// next FULL commit makes every earlier one durable too.
     fn set_sync(&self, full: bool) {
         if self.sync_full.get() != full {
-            let mode = if full { "FULL" } else { "NORMAL" };
-            match self.conn.pragma_update(None, "synchronous", mode) {
+            let pragma = if full {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            };
+            match self.conn.exec(pragma) {
                 Ok(()) => self.sync_full.set(full),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot switch synchronous mode; staying as is")
@@ -178,11 +186,7 @@ impl Writer {
 
     /// Applies one command inside a savepoint; on error its writes are undone.
     fn apply_in_savepoint(&self, cmd: Cmd) -> Pending {
-        if let Err(e) = self
-            .conn
-            .execute_batch("SAVEPOINT cmd")
-            .map_err(sql::classify)
-        {
+        if let Err(e) = self.conn.exec("SAVEPOINT cmd").map_err(sql::classify) {
             return self.refuse(cmd, e);
         }
         let (ok, answer) = match cmd {
@@ -209,12 +213,12 @@ impl Writer {
             Cmd::WebhookRecord(o, tx) => self.finish(tx, self.webhook_record(o)),
             Cmd::Secret(name, tx) => self.finish(tx, self.secret(&name)),
         };
-        let end = if ok {
-            "RELEASE cmd"
+        let rollback = if ok {
+            Ok(())
         } else {
-            "ROLLBACK TO cmd; RELEASE cmd"
+            self.conn.exec("ROLLBACK TO cmd")
         };
-        if let Err(e) = self.conn.execute_batch(end) {
+        if let Err(e) = rollback.and_then(|()| self.conn.exec("RELEASE cmd")) {
             tracing::error!(error = %e, "savepoint end failed");
         }
         answer
@@ -442,16 +446,12 @@ impl Writer {
     fn settle_many(&self, items: Vec<SettleParams>, now: Ts) -> Result<Vec<Result<Changed>>> {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            self.conn
-                .execute_batch("SAVEPOINT item")
-                .map_err(sql::classify)?;
+            self.conn.exec("SAVEPOINT item").map_err(sql::classify)?;
             let res = self.settle(item, now);
-            let end = if res.is_ok() {
-                "RELEASE item"
-            } else {
-                "ROLLBACK TO item; RELEASE item"
-            };
-            self.conn.execute_batch(end).map_err(sql::classify)?;
+            if res.is_err() {
+                self.conn.exec("ROLLBACK TO item").map_err(sql::classify)?;
+            }
+            self.conn.exec("RELEASE item").map_err(sql::classify)?;
             out.push(res);
         }
         Ok(out)
