@@ -95,6 +95,11 @@ pub enum EventKind {
         /// The terminal status it left.
         from: Status,
     },
+    /// This request was submitted as the fallback of another that dead-lettered.
+    FallbackOf {
+        /// The request that dead-lettered.
+        request_id: String,
+    },
     /// On dead-letter, a fallback request was submitted.
     FallbackSubmitted {
         /// The new request.
@@ -144,6 +149,7 @@ impl EventKind {
             EventKind::Cancelled => "cancelled",
             EventKind::Expired { .. } => "expired",
             EventKind::Redriven { .. } => "redriven",
+            EventKind::FallbackOf { .. } => "fallback_of",
             EventKind::FallbackSubmitted { .. } => "fallback_submitted",
             EventKind::ReplyDelivered { .. } => "reply_delivered",
             EventKind::ReplyDeliveryFailed { .. } => "reply_delivery_failed",

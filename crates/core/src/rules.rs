@@ -137,6 +137,14 @@ pub fn submit(new: NewRequest, now: Ts) -> (Request, Vec<HistoryEvent>) {
         },
         &mut out,
     );
+    if let Some(of) = req.fallback_of.clone() {
+        push(
+            &mut req,
+            now,
+            EventKind::FallbackOf { request_id: of },
+            &mut out,
+        );
+    }
     (req, out)
 }
 

@@ -5,6 +5,14 @@
 //! ```sh
 //! cargo run --release -p coatcheck-store-postgres --example roundtrips -- [clients] [seconds] [claim_max]
 //! ```
+//!
+//! It prints the latency of one round trip at a time (and the database's
+//! CPU time per step, from `/proc`: meaningful only where nothing else uses
+//! the server), then the throughput of `clients` submitters and
+//! `clients / 2` workers claiming up to `claim_max` and completing each
+//! batch in one settlement. `ROUNDTRIPS_URL_EXTRA` adds URL parameters
+//! (default `pool_size=16`), `ROUNDTRIPS_SUBMIT_ONLY` runs no workers,
+//! `ROUNDTRIPS_KEEP` keeps the schema for a look afterwards.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,7 +35,7 @@ async fn main() {
     let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
     let claim_max: u32 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10);
     let schema = TestSchema::create().await;
-    let pg = Arc::new(
+    let store: Arc<dyn Store> = Arc::new(
         PgStore::open(
             &schema.url_with(
                 &std::env::var("ROUNDTRIPS_URL_EXTRA").unwrap_or_else(|_| "pool_size=16".into()),
@@ -37,7 +45,6 @@ async fn main() {
         .await
         .expect("open"),
     );
-    let store: Arc<dyn Store> = pg.clone();
 
     // One round trip at a time: latency, and the database's CPU time per
     // step (all postgres processes of this machine, read from /proc: run it
@@ -69,9 +76,6 @@ async fn main() {
         settle_cpu += c3 - c2;
     }
     lat.sort();
-    for p in pg.xx_plans().await {
-        println!("{p:?}");
-    }
     let ms = |ticks: u64| ticks as f64 * 10.0 / N as f64; // 100 ticks a second
     println!(
         "sequential round trip (submit, claim, complete): p50 {:?}, p99 {:?}; \

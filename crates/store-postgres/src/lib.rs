@@ -183,13 +183,6 @@ impl PgStore {
         })
     }
 
-    #[doc(hidden)]
-    pub async fn xx_plans(&self) -> Vec<(String, i64, i64)> {
-        let c = self.inner.pool.get().await.unwrap();
-        c.query("SELECT left(regexp_replace(statement, '\\s+', ' ', 'g'), 70), generic_plans, custom_plans FROM pg_prepared_statements", &[]).await.unwrap()
-            .iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
-    }
-
     /// The parsed connection options.
     pub fn options(&self) -> &PgOptions {
         &self.options

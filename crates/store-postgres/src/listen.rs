@@ -222,7 +222,7 @@ impl Bus {
     /// Announces changes (entries from [`entry`]) to the other nodes;
     /// resolves once they are sent, could not be, or after a bounded wait.
     pub async fn send(&self, entries: Vec<String>) {
-        if entries.is_empty() || std::env::var("XX_NOBUS").is_ok() {
+        if entries.is_empty() {
             return;
         }
         let (done, sent) = oneshot::channel();

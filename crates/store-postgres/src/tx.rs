@@ -27,7 +27,22 @@ pub type Write<'a> = (&'a str, Vec<&'a (dyn ToSql + Sync)>);
 pub struct Tx {
     client: Option<Object>,
     begun: bool,
+    begin: &'static str,
 }
+
+/// Opens a transaction whose commit waits for the WAL flush.
+const BEGIN: &str = "BEGIN";
+
+/// Opens a transaction whose commit does not wait for the WAL flush: for
+/// work that a crash may safely undo (a claim — the request is simply still
+/// queued and its worker's settlement is refused; lease and deadline
+/// expiry — the sweep runs again). What a caller is promised durably
+/// (submits, settlements, cancels, redrives) never uses it.
+const BEGIN_RELAXED: &str = "BEGIN; SET LOCAL synchronous_commit TO off";
+
+/// Makes a relaxed transaction's commit wait for the WAL flush after all
+/// (it produced something promised durably: a reply, a fallback request).
+pub const DURABLE_COMMIT: &str = "SET LOCAL synchronous_commit TO on";
 
 impl Tx {
     /// Takes a pooled connection (waiting at most the pool's bounded wait).
@@ -36,7 +51,21 @@ impl Tx {
         Ok(Tx {
             client: Some(client),
             begun: false,
+            begin: BEGIN,
         })
+    }
+
+    /// Like [`Tx::start`], committing without waiting for the WAL flush
+    /// (see [`BEGIN_RELAXED`]).
+    pub async fn start_relaxed(p: &Pool) -> Result<Tx> {
+        let mut tx = Self::start(p).await?;
+        tx.begin = BEGIN_RELAXED;
+        Ok(tx)
+    }
+
+    /// Whether its commit skips the WAL flush wait.
+    pub fn is_relaxed(&self) -> bool {
+        self.begin == BEGIN_RELAXED
     }
 
     fn client(&self) -> &Object {
@@ -54,8 +83,10 @@ impl Tx {
         if self.begun {
             return client.query(&stmt, params).await.map_err(classify);
         }
-        let (begin, rows) =
-            tokio::join!(client.batch_execute("BEGIN"), client.query(&stmt, params));
+        let (begin, rows) = tokio::join!(
+            client.batch_execute(self.begin),
+            client.query(&stmt, params)
+        );
         self.begun = true;
         begin.map_err(classify)?;
         rows.map_err(classify)
@@ -74,7 +105,7 @@ impl Tx {
             if self.begun {
                 Ok(())
             } else {
-                client.batch_execute("BEGIN").await
+                client.batch_execute(self.begin).await
             }
         };
         let queries = futures::future::join_all(params.iter().map(|p| client.query(&stmt, p)));
@@ -98,7 +129,7 @@ impl Tx {
             if self.begun {
                 Ok(())
             } else {
-                client.batch_execute("BEGIN").await
+                client.batch_execute(self.begin).await
             }
         };
         let execs = futures::future::join_all(

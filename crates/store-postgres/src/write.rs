@@ -122,6 +122,12 @@ impl Batch {
         let payload_write = payloads.write();
         let history_params = self.history.params();
         let mut writes: Vec<Write<'_>> = Vec::new();
+        // A reply may be delivered, or a fallback claimed, right after the
+        // commit: a crash must not undo it, so its commit is durable even
+        // in a relaxed transaction (a sweep's).
+        if tx.is_relaxed() && (!self.replies.is_empty() || !self.inserts.is_empty()) {
+            writes.push((crate::tx::DURABLE_COMMIT, Vec::new()));
+        }
         if !updates.is_empty() {
             writes.push((sql::UPDATE_REQUESTS, update_params.to_vec()));
         }
@@ -164,11 +170,15 @@ impl Batch {
             tx.rollback().await;
             return Ok(());
         }
+        let first_update = writes
+            .iter()
+            .position(|(sql, _)| *sql == sql::UPDATE_REQUESTS);
         let counts = tx.commit(&writes).await?;
-        if !updates.is_empty() && counts[0] != updates.len() as u64 {
+        if let Some(i) = first_update.filter(|&i| counts[i] != updates.len() as u64) {
+            let counts = counts[i];
             tracing::error!(
                 expected = updates.len(),
-                updated = counts[0],
+                updated = counts,
                 "a transition updated fewer rows than it locked"
             );
         }
@@ -456,7 +466,8 @@ impl Inner {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut tx = Tx::start(&self.pool).await?;
+        // A sweep a crash undoes simply runs again: no WAL flush wait.
+        let mut tx = Tx::start_relaxed(&self.pool).await?;
         let rows = match tx.query(lock_sql, &[&now, &(limit as i64)]).await {
             Ok(rows) => rows,
             Err(e) => return tx.end(Err(e)).await,

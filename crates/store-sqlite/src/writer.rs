@@ -69,6 +69,10 @@ impl Cmd {
                 | Cmd::Cancel(..)
                 | Cmd::Redrive(..)
                 | Cmd::ChannelAck(..)
+                // Expiries may write a reply (with its message_id): a reply
+                // that was sent must never be re-made under another id.
+                | Cmd::ExpireLeases(..)
+                | Cmd::ExpireDeadlines(..)
                 // Once: tokens signed with a secret lost to a power cut would all turn invalid.
                 | Cmd::Secret(..)
         )

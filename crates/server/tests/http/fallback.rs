@@ -73,7 +73,7 @@ async fn dead_letter(s: &TestServer, first: &str) -> Value {
         (last["fallback_request_id"].as_str(), last["queue"].as_str()),
         (Some(fb_id.as_str()), Some("secondary"))
     );
-    assert_eq!(kinds_of(s, &fb_id).await, ["submitted"]);
+    assert_eq!(kinds_of(s, &fb_id).await, ["submitted", "fallback_of"]);
     fb
 }
 
@@ -136,7 +136,13 @@ async fn a_dead_lettered_request_falls_back_and_the_chain_replies_once() {
         .contains(&"reply_delivered".to_string()));
     assert_eq!(
         kinds_of(&s, &fb_id).await,
-        ["submitted", "claimed", "succeeded", "reply_delivered"]
+        [
+            "submitted",
+            "fallback_of",
+            "claimed",
+            "succeeded",
+            "reply_delivered"
+        ]
     );
     // The first request stays failed and linked.
     let r = get_req(&s, &first).await;

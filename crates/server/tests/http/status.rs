@@ -364,7 +364,7 @@ async fn history_records_every_kind_across_a_life() {
     assert_eq!(h[8]["queue"], "fb");
     assert_eq!(h[9]["from"], "failed");
     assert_eq!(h[13]["from"], "cancelled");
-    assert_eq!(kinds(&s, &fb).await, ["submitted"]);
+    assert_eq!(kinds(&s, &fb).await, ["submitted", "fallback_of"]);
 
     // Another life: expired by its deadline, redriven, then succeeded.
     let b = id(&s.submit("life2", json!({"input": 2, "timeout": 10})).await);

@@ -380,7 +380,7 @@ async fn assert_fallback(
         }
         other => panic!("expected fallback_submitted, got {other:?}"),
     }
-    assert_eq!(kinds(store, &fb.id).await, ["submitted"]);
+    assert_eq!(kinds(store, &fb.id).await, ["submitted", "fallback_of"]);
     let claimed = claim_one(store, queue, at(now, 1)).await;
     assert_eq!(claimed.id, fb.id, "the fallback is claimable in its queue");
 }
