@@ -68,6 +68,9 @@ pub struct Config {
     pub webhook_schedule: Vec<Duration>,
     /// Unacknowledged channel messages older than this are deleted.
     pub channel_retention: Duration,
+    /// Finished requests (with their history) are deleted this long after
+    /// they finished.
+    pub request_retention: Duration,
     /// How often an idle SSE stream sends a keep-alive comment.
     pub sse_keep_alive: Duration,
     /// The keys file (`None`: no keys; the server must listen on loopback).
@@ -113,6 +116,7 @@ impl Config {
             webhook_timeout: Duration::from_secs(10),
             webhook_schedule: default_webhook_schedule(),
             channel_retention: Duration::from_secs(7 * 24 * 3600),
+            request_retention: Duration::from_secs(7 * 24 * 3600),
             sse_keep_alive: Duration::from_secs(15),
             keys_file: None,
             limits: crate::limits::LimitsConfig::new(),

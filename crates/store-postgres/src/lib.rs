@@ -224,6 +224,10 @@ impl PgStore {
 
 #[async_trait]
 impl Store for PgStore {
+    async fn request_purge(&self, finished_before: Ts, limit: u32) -> Result<u64> {
+        PgStore::request_purge(self, finished_before, limit).await
+    }
+
     async fn due_times(&self, now: Ts) -> Result<DueTimes> {
         self.check_open()?;
         self.inner.due_times(now).await

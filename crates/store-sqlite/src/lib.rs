@@ -247,6 +247,11 @@ impl Store for SqliteStore {
         self.reads.run(move |c| read::list(c, &p)).await
     }
 
+    async fn request_purge(&self, finished_before: Ts, limit: u32) -> Result<u64> {
+        self.write(|tx| Cmd::Purge(finished_before, limit, tx))
+            .await
+    }
+
     async fn request_settle_many(
         &self,
         items: Vec<SettleParams>,

@@ -13,6 +13,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_replies.sql"),
     include_str!("../migrations/0003_fairness.sql"),
     include_str!("../migrations/0004_secrets.sql"),
+    include_str!("../migrations/0005_retention.sql"),
 ];
 
 const COLUMNS: &str = "id, tenant, queue, status, priority, attempts, max_attempts, cancel_requested, \
@@ -417,3 +418,14 @@ pub const SELECT_WEBHOOK_REQUEST: &str =
 
 pub const NEXT_WEBHOOK: &str =
     "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'";
+
+/// The oldest finished requests before `?1`, at most `?2`.
+pub const SELECT_PURGEABLE: &str = "SELECT id FROM requests WHERE finished_at IS NOT NULL \
+    AND finished_at < ?1 AND status IN ('succeeded', 'failed', 'cancelled', 'expired') ORDER BY finished_at LIMIT ?2";
+
+pub const DELETE_REQUEST: &str = "DELETE FROM requests WHERE id = ?1";
+
+pub const DELETE_HISTORY: &str = "DELETE FROM history WHERE request_id = ?1";
+
+pub const DELETE_SETTLED_WEBHOOKS: &str =
+    "DELETE FROM webhook_deliveries WHERE request_id = ?1 AND state <> 'pending'";

@@ -43,6 +43,7 @@ pub enum Cmd {
     ChannelPurge(Ts, u32, Reply<u64>),
     WebhookClaim(Ts, u32, std::time::Duration, Reply<Vec<WebhookDelivery>>),
     WebhookRecord(WebhookOutcome, Reply<()>),
+    Purge(Ts, u32, Reply<u64>),
     Secret(String, Reply<Vec<u8>>),
 }
 
@@ -184,6 +185,7 @@ impl Writer {
             Cmd::ChannelPurge(_, _, tx) => pending(tx, Err(e)),
             Cmd::WebhookClaim(_, _, _, tx) => pending(tx, Err(e)),
             Cmd::WebhookRecord(_, tx) => pending(tx, Err(e)),
+            Cmd::Purge(_, _, tx) => pending(tx, Err(e)),
             Cmd::Secret(_, tx) => pending(tx, Err(e)),
         }
     }
@@ -215,6 +217,7 @@ impl Writer {
                 self.finish(tx, self.webhook_claim(now, limit, lease))
             }
             Cmd::WebhookRecord(o, tx) => self.finish(tx, self.webhook_record(o)),
+            Cmd::Purge(before, limit, tx) => self.finish(tx, self.purge(before, limit)),
             Cmd::Secret(name, tx) => self.finish(tx, self.secret(&name)),
         };
         let rollback = if ok {
@@ -665,6 +668,27 @@ impl Writer {
                 .map_err(sql::classify)?;
         }
         Ok(rows)
+    }
+
+    fn purge(&self, before: Ts, limit: u32) -> Result<u64> {
+        let ids = sql::ids(
+            &self.conn,
+            sql::SELECT_PURGEABLE,
+            rusqlite::params![to_micros(before), limit as i64],
+        )?;
+        for id in &ids {
+            for q in [
+                sql::DELETE_HISTORY,
+                sql::DELETE_SETTLED_WEBHOOKS,
+                sql::DELETE_REQUEST,
+            ] {
+                self.conn
+                    .prepare_cached(q)
+                    .and_then(|mut s| s.execute([id]))
+                    .map_err(sql::classify)?;
+            }
+        }
+        Ok(ids.len() as u64)
     }
 
     fn webhook_record(&self, o: WebhookOutcome) -> Result<()> {

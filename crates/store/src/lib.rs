@@ -398,6 +398,13 @@ pub trait Store: Send + Sync + 'static {
     /// `now`, at most `limit`.
     async fn lease_expire_due(&self, now: Ts, limit: u32) -> Result<Vec<Changed>>;
 
+    /// Retention: deletes up to `limit` requests that finished before
+    /// `finished_before` — the request, its history, its idempotency key and
+    /// its settled webhook deliveries — and answers how many. Unfinished
+    /// requests are never touched. Callers loop until it answers less than
+    /// `limit`.
+    async fn request_purge(&self, finished_before: Ts, limit: u32) -> Result<u64>;
+
     /// How many requests of a queue are `queued` (its depth, for limits).
     async fn queue_depth(&self, queue: &str) -> Result<u64> {
         let stats = self.queue_stats(chrono::Utc::now()).await?;

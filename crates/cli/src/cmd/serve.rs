@@ -47,6 +47,9 @@ pub struct Args {
     /// Allow webhook targets on private, loopback and link-local addresses (development).
     #[arg(long, env = "COATCHECK_WEBHOOK_ALLOW_PRIVATE")]
     pub webhook_allow_private: bool,
+    /// Seconds a finished request (and its history) is kept after it finished.
+    #[arg(long, env = "COATCHECK_RETENTION", default_value_t = 7.0 * 24.0 * 3600.0)]
+    pub retention: f64,
     /// Seconds an unacknowledged reply-channel message is kept.
     #[arg(long, env = "COATCHECK_CHANNEL_RETENTION", default_value_t = 7.0 * 24.0 * 3600.0)]
     pub channel_retention: f64,
@@ -166,6 +169,11 @@ fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
     config.channel_retention =
         coatcheck_core::validate::duration("channel-retention", a.channel_retention)
             .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    config.request_retention = coatcheck_core::validate::duration("retention", a.retention)
+        .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    if config.request_retention.is_zero() {
+        bail!("--retention must be more than 0 seconds");
+    }
     if config.channel_retention.is_zero() {
         bail!("--channel-retention must be more than 0 seconds");
     }

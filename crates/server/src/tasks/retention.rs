@@ -1,5 +1,6 @@
-//! Retention: unacknowledged channel messages older than the configured
-//! retention are deleted in bounded batches. Not latency-sensitive: it runs
+//! Retention: finished requests (with their history) and unacknowledged
+//! channel messages older than their configured retention are deleted in
+//! bounded batches, so the store does not grow forever. Not latency-sensitive: it runs
 //! at start and then every tenth of the retention (at most hourly).
 
 use std::sync::Arc;
@@ -10,6 +11,13 @@ use coatcheck_core::clock::add;
 use crate::engine::Engine;
 use crate::tasks::{run_service, BATCH};
 
+fn before(now: coatcheck_core::Ts, keep: Duration) -> coatcheck_core::Ts {
+    chrono::Duration::from_std(keep)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
+}
+
 /// Runs retention until shutdown.
 pub async fn run(engine: Arc<Engine>) {
     run_service(
@@ -17,24 +25,29 @@ pub async fn run(engine: Arc<Engine>) {
         "retention",
         |e| &e.timers.retention,
         |e| async move {
-            let every = (e.config.channel_retention / 10).min(Duration::from_secs(3600));
+            let shortest = e.config.channel_retention.min(e.config.request_retention);
+            let every = (shortest / 10).min(Duration::from_secs(3600));
             Ok(Some(add(e.now(), every.max(Duration::from_millis(10)))))
         },
         |e| async move {
-            let retention = chrono::Duration::from_std(e.config.channel_retention)
-                .unwrap_or(chrono::Duration::MAX);
-            let before = e
-                .now()
-                .checked_sub_signed(retention)
-                .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
-            let n = e.store.channel_purge(before, BATCH).await?;
-            if n > 0 {
+            let now = e.now();
+            let messages = e
+                .store
+                .channel_purge(before(now, e.config.channel_retention), BATCH)
+                .await?;
+            let requests = e
+                .store
+                .request_purge(before(now, e.config.request_retention), BATCH)
+                .await?;
+            if messages + requests > 0 {
                 tracing::info!(
-                    deleted = n,
-                    "retention: deleted unacknowledged channel messages"
+                    requests,
+                    messages,
+                    "retention: deleted finished requests and unacknowledged channel messages"
                 );
             }
-            Ok(n as usize)
+            // A full batch of either runs the round again at once.
+            Ok(messages.max(requests) as usize)
         },
     )
     .await

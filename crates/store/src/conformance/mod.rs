@@ -49,6 +49,7 @@ pub mod history;
 pub mod lease;
 pub mod list;
 pub mod redrive;
+pub mod retention;
 pub mod secrets;
 pub mod settle;
 pub mod stats;
@@ -200,6 +201,10 @@ macro_rules! conformance_suite {
                 redrive_cancelled_and_expired_requeue,
                 redrive_non_terminal_is_wrong_state,
                 redrive_of_other_tenant_is_not_found,
+            }
+            retention {
+                purge_deletes_only_requests_finished_before_the_cutoff,
+                purge_respects_its_limit,
             }
             list {
                 list_is_newest_first_and_pages_with_before_id,
