@@ -18,7 +18,7 @@ use coatcheck_core::clock::{add, truncate};
 use coatcheck_core::model::{new_lease_token, new_request_id};
 use coatcheck_core::rules::{self, CancelOutcome};
 use coatcheck_core::wire::ChannelMessage;
-use coatcheck_core::{EventKind, HistoryEvent, ReplyTo, Request, Ts};
+use coatcheck_core::{HistoryEvent, ReplyTo, Request, Ts};
 use coatcheck_store::{
     Changed, ChannelReceiveParams, HeartbeatParams, RequestRef, Result, SettleParams, Settlement,
     StoreError, SubmitParams, Submitted, WebhookDelivery, WebhookOutcome,
@@ -640,21 +640,7 @@ impl Inner {
             };
             let request_id: String = row.try_get(0).map_err(internal)?;
             let mut req = self.lock(&mut tx, &request_id).await?;
-            let kind = if o.delivered {
-                EventKind::ReplyDelivered {
-                    target: "webhook".into(),
-                    attempt: o.attempt,
-                    http_status: o.http_status,
-                }
-            } else {
-                EventKind::ReplyDeliveryFailed {
-                    target: "webhook".into(),
-                    attempt: o.attempt,
-                    http_status: o.http_status,
-                    message: o.message.clone(),
-                    next_attempt_at: next,
-                }
-            };
+            let kind = o.history_event(next);
             let events = rules::record(&mut req, kind, now);
             let mut batch = Batch::default();
             batch.update(&req, &events)?;

@@ -12,7 +12,7 @@ use coatcheck_core::clock::to_micros;
 use coatcheck_core::model::{new_lease_token, new_request_id};
 use coatcheck_core::rules::{self, CancelOutcome};
 use coatcheck_core::wire::ChannelMessage;
-use coatcheck_core::{EventKind, ReplyTo};
+use coatcheck_core::ReplyTo;
 use coatcheck_core::{Request, RetryPolicy, Ts};
 use coatcheck_store::{
     Changed, ChannelReceiveParams, ClaimParams, HeartbeatParams, RequestRef, Result, SettleParams,
@@ -721,21 +721,7 @@ impl Writer {
             .and_then(|mut s| s.query_row([&o.message_id], |r| r.get(0)))
             .map_err(sql::classify)?;
         let mut req = self.load(&RequestRef::any(request_id))?;
-        let kind = if o.delivered {
-            EventKind::ReplyDelivered {
-                target: "webhook".into(),
-                attempt: o.attempt,
-                http_status: o.http_status,
-            }
-        } else {
-            EventKind::ReplyDeliveryFailed {
-                target: "webhook".into(),
-                attempt: o.attempt,
-                http_status: o.http_status,
-                message: o.message,
-                next_attempt_at: o.next_attempt_at,
-            }
-        };
+        let kind = o.history_event(o.next_attempt_at);
         let mut events = rules::record(&mut req, kind, o.now);
         self.save(&mut req, &mut events)
     }

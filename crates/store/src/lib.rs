@@ -237,6 +237,29 @@ impl Changed {
     }
 }
 
+impl WebhookOutcome {
+    /// The history event this attempt records on its request (with the next
+    /// attempt's time as the store keeps it).
+    pub fn history_event(&self, next_attempt_at: Option<Ts>) -> coatcheck_core::EventKind {
+        use coatcheck_core::EventKind;
+        if self.delivered {
+            EventKind::ReplyDelivered {
+                target: "webhook".into(),
+                attempt: self.attempt,
+                http_status: self.http_status,
+            }
+        } else {
+            EventKind::ReplyDeliveryFailed {
+                target: "webhook".into(),
+                attempt: self.attempt,
+                http_status: self.http_status,
+                message: self.message.clone(),
+                next_attempt_at,
+            }
+        }
+    }
+}
+
 /// `channel_receive` params.
 #[derive(Debug, Clone)]
 pub struct ChannelReceiveParams {
