@@ -16,10 +16,18 @@ impl Serve {
     /// Starts `coatcheck serve` on a free loopback port with its data in
     /// `dir`, and waits for its ready line.
     pub fn start(dir: &Path, extra: &[&str]) -> Serve {
+        let dir = dir.to_str().expect("a UTF-8 temp dir");
+        let mut args = vec!["--listen", "127.0.0.1:0", "--data", dir];
+        args.extend_from_slice(extra);
+        Serve::with_args(&args)
+    }
+
+    /// Starts `coatcheck serve` with exactly `args` (after `serve`), and
+    /// waits for its ready line (an `http://` or `https://` URL).
+    pub fn with_args(args: &[&str]) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_coatcheck"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(dir)
-            .args(extra)
+            .arg("serve")
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -37,10 +45,19 @@ impl Serve {
             .expect("the server prints a ready line");
         let url = line
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .unwrap_or_else(|| panic!("no URL in {line:?}"))
             .to_string();
         Serve { child, url }
+    }
+
+    /// Sends a signal (`-TERM`, `-HUP`, …).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
     }
 
     /// kill -9.
@@ -51,12 +68,14 @@ impl Serve {
 
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
+        self.signal("-TERM");
         self.child.wait().expect("exit status")
+    }
+
+    /// SIGTERM, then asserts a clean exit.
+    pub fn stop(self) {
+        let status = self.terminate();
+        assert!(status.success(), "{status:?}");
     }
 }
 

@@ -2,70 +2,12 @@
 //! SIGHUP, a non-loopback bind (refused without keys, allowed with them),
 //! `--tls-cert`/`--tls-key` (also reloaded on SIGHUP), and `coatcheck keys`.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-/// A `coatcheck serve` child started with exactly `args` (after `serve`).
-struct Proc {
-    child: Child,
-    url: String,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_coatcheck"))
-            .arg("serve")
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn coatcheck serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the server prints a ready line");
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
-            .unwrap_or_else(|| panic!("no URL in {line:?}"))
-            .to_string();
-        Proc { child, url }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// SIGTERM, then asserts a clean exit.
-    fn stop(mut self) {
-        self.signal("-TERM");
-        let status = self.child.wait().expect("exit status");
-        assert!(status.success(), "{status:?}");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::proc::Serve;
 
 fn key_entry(secret: &str, role: &str, tenant: &str) -> String {
     format!("[[key]]\nsecret = \"{secret}\"\nrole = \"{role}\"\ntenant = \"{tenant}\"\n\n")
@@ -104,7 +46,7 @@ async fn keys_are_reloaded_on_sighup() {
     let keys = dir.path().join("keys.toml");
     std::fs::write(&keys, key_entry(OLD, "client", "t")).unwrap();
     let data = dir.path().join("data");
-    let p = Proc::start(&[
+    let p = Serve::with_args(&[
         "--listen",
         "127.0.0.1:0",
         "--data",
@@ -160,7 +102,7 @@ async fn a_non_loopback_address_needs_keys() {
     // With keys it serves (and every call needs one); reached via loopback here.
     let keys = dir.path().join("keys.toml");
     std::fs::write(&keys, key_entry(OLD, "admin", "t")).unwrap();
-    let p = Proc::start(&[
+    let p = Serve::with_args(&[
         "--listen",
         "0.0.0.0:0",
         "--data",
@@ -176,7 +118,7 @@ async fn a_non_loopback_address_needs_keys() {
     assert_eq!(status_with(&http, &url, Some(OLD)).await, 200);
     p.stop();
     // --insecure-no-auth is the explicit way to serve a trusted network without keys.
-    let p = Proc::start(&["--listen", "0.0.0.0:0", "--data", d, "--insecure-no-auth"]);
+    let p = Serve::with_args(&["--listen", "0.0.0.0:0", "--data", d, "--insecure-no-auth"]);
     let port = p.url.rsplit(':').next().unwrap().to_string();
     let url = format!("http://127.0.0.1:{port}");
     assert_eq!(status_with(&http, &url, None).await, 200);
@@ -208,7 +150,7 @@ async fn tls_flags_serve_https_and_the_certificate_reloads_on_sighup() {
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
     let data = dir.path().join("data");
-    let p = Proc::start(&[
+    let p = Serve::with_args(&[
         "--listen",
         "127.0.0.1:0",
         "--data",
@@ -306,7 +248,7 @@ async fn keys_new_prints_a_key_and_an_entry_the_server_accepts() {
     let keys = dir.path().join("keys.toml");
     std::fs::write(&keys, entry).unwrap();
     let data = dir.path().join("data");
-    let p = Proc::start(&[
+    let p = Serve::with_args(&[
         "--listen",
         "127.0.0.1:0",
         "--data",
