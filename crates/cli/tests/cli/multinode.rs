@@ -436,74 +436,121 @@ async fn losing_the_database_answers_503_quickly_and_a_node_recovers_by_itself()
     eprintln!("database away: 503s within {answered:?}; ready again {back:?} after it returned; cross-node wake-up after it: {woke:?}");
 }
 
+/// Clients submitting a stream of requests with idempotency keys, round
+/// robin over nodes, retrying the same key after `pause` on any answer but
+/// 202 (or a 200 replay of a submit whose answer was lost); they record
+/// every acknowledged key → id and every answer's status.
+struct Submitters {
+    acked: Arc<Mutex<HashMap<String, String>>>,
+    statuses: Arc<Mutex<HashMap<u16, usize>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Submitters {
+    fn start(
+        http: &reqwest::Client,
+        urls: &[String],
+        queue: &str,
+        clients: usize,
+        pause: Duration,
+    ) -> Submitters {
+        let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let statuses: Arc<Mutex<HashMap<u16, usize>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|c| {
+                let (http, urls, acked, statuses, stop) = (
+                    http.clone(),
+                    urls.to_vec(),
+                    acked.clone(),
+                    statuses.clone(),
+                    stop.clone(),
+                );
+                let queue = queue.to_string();
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                        let key = format!("k-{c}-{i}");
+                        let url = &urls[i % urls.len()];
+                        let r = http
+                            .post(format!("{url}/v1/queues/{queue}/requests"))
+                            .header("idempotency-key", &key)
+                            .json(&json!({"input": {"c": c, "i": i}}))
+                            .send()
+                            .await
+                            .expect("the node answers");
+                        let status = r.status().as_u16();
+                        *statuses.lock().unwrap().entry(status).or_default() += 1;
+                        // 200: a replay of a submit that committed while its
+                        // answer was lost to a cut connection.
+                        if status == 202 || status == 200 {
+                            let v: Value = r.json().await.unwrap();
+                            acked
+                                .lock()
+                                .unwrap()
+                                .insert(key, v["id"].as_str().unwrap().to_string());
+                            i += 1;
+                        } else {
+                            // 503: retry the same key after a moment, as a client would.
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Submitters {
+            acked,
+            statuses,
+            stop,
+            clients,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until `n` submits are acknowledged, or `timeout` passes.
+    async fn wait_for(&self, n: usize, timeout: Duration) {
+        let t = Instant::now();
+        while self.acked() < n && t.elapsed() < timeout {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the clients; the acknowledged keys → ids and the answers seen.
+    async fn finish(self) -> (HashMap<String, String>, HashMap<u16, usize>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        for c in self.clients {
+            c.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        let statuses = self.statuses.lock().unwrap().clone();
+        (acked, statuses)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_during_a_stream_of_submits_lose_no_acknowledged_request() {
     let schema = TestSchema::create().await;
     let (_dir, nodes) = cluster(&schema, 2).await;
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
     let http = http();
-    let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    let statuses: Arc<Mutex<HashMap<u16, usize>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for c in 0..6 {
-        let (http, urls, acked, statuses, stop) = (
-            http.clone(),
-            urls.clone(),
-            acked.clone(),
-            statuses.clone(),
-            stop.clone(),
-        );
-        clients.push(tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                let key = format!("k-{c}-{i}");
-                let url = &urls[i % urls.len()];
-                let r = http
-                    .post(format!("{url}/v1/queues/mn-cut/requests"))
-                    .header("idempotency-key", &key)
-                    .json(&json!({"input": {"c": c, "i": i}}))
-                    .send()
-                    .await
-                    .expect("the node answers");
-                let status = r.status().as_u16();
-                *statuses.lock().unwrap().entry(status).or_default() += 1;
-                // 200: a replay of a submit that committed while its
-                // answer was lost to a cut connection.
-                if status == 202 || status == 200 {
-                    let v: Value = r.json().await.unwrap();
-                    acked
-                        .lock()
-                        .unwrap()
-                        .insert(key, v["id"].as_str().unwrap().to_string());
-                    i += 1;
-                } else {
-                    // 503: retry the same key after a moment, as a client would.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }));
-    }
+    let submitters = Submitters::start(&http, &urls, "mn-cut", 6, Duration::from_millis(20));
     let mut cuts = 0;
     for _ in 0..4 {
-        let before = acked.lock().unwrap().len();
-        let t = Instant::now();
-        while acked.lock().unwrap().len() < before + 50 && t.elapsed() < Duration::from_secs(20) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let before = submitters.acked();
+        submitters
+            .wait_for(before + 50, Duration::from_secs(20))
+            .await;
         cuts += schema.terminate_sessions().await;
     }
-    let before = acked.lock().unwrap().len();
-    let t = Instant::now();
-    while acked.lock().unwrap().len() < before + 50 && t.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    let statuses = statuses.lock().unwrap().clone();
+    let before = submitters.acked();
+    submitters
+        .wait_for(before + 50, Duration::from_secs(20))
+        .await;
+    let (acked, statuses) = submitters.finish().await;
     assert!(acked.len() >= 250, "only {} acknowledged", acked.len());
     for s in statuses.keys() {
         assert!(
@@ -534,55 +581,8 @@ async fn a_postgres_restart_during_submits_loses_no_acknowledged_request() {
     let (_dir, nodes) = cluster(&schema, 2).await;
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
     let http = http();
-    let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    let statuses: Arc<Mutex<HashMap<u16, usize>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for c in 0..4 {
-        let (http, urls, acked, statuses, stop) = (
-            http.clone(),
-            urls.clone(),
-            acked.clone(),
-            statuses.clone(),
-            stop.clone(),
-        );
-        clients.push(tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                let key = format!("k-{c}-{i}");
-                let url = &urls[i % urls.len()];
-                let r = http
-                    .post(format!("{url}/v1/queues/mn-restart/requests"))
-                    .header("idempotency-key", &key)
-                    .json(&json!({"input": {"c": c, "i": i}}))
-                    .send()
-                    .await
-                    .expect("the node answers");
-                let status = r.status().as_u16();
-                *statuses.lock().unwrap().entry(status).or_default() += 1;
-                if status == 202 || status == 200 {
-                    let v: Value = r.json().await.unwrap();
-                    acked
-                        .lock()
-                        .unwrap()
-                        .insert(key, v["id"].as_str().unwrap().to_string());
-                    i += 1;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }));
-    }
-    let wait_for = |n: usize| {
-        let acked = acked.clone();
-        async move {
-            let t = Instant::now();
-            while acked.lock().unwrap().len() < n && t.elapsed() < Duration::from_secs(60) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
-    wait_for(200).await;
+    let submitters = Submitters::start(&http, &urls, "mn-restart", 4, Duration::from_millis(50));
+    submitters.wait_for(200, Duration::from_secs(60)).await;
     let version = std::fs::read_dir("/etc/postgresql")
         .expect("a Debian PostgreSQL cluster")
         .filter_map(|e| e.ok())
@@ -597,15 +597,12 @@ async fn a_postgres_restart_during_submits_loses_no_acknowledged_request() {
         .expect("pg_ctlcluster");
     assert!(status.success(), "restart");
     let restarted = t0.elapsed();
-    let before = acked.lock().unwrap().len();
-    wait_for(before + 200).await;
+    let before = submitters.acked();
+    submitters
+        .wait_for(before + 200, Duration::from_secs(60))
+        .await;
     let recovered = t0.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    let statuses = statuses.lock().unwrap().clone();
+    let (acked, statuses) = submitters.finish().await;
     assert!(
         acked.len() >= before + 200,
         "submits resumed after the restart"
