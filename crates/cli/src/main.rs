@@ -8,6 +8,9 @@ mod output;
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// coatcheck — Asynchronous Request-Reply: hand a request in, get a ticket,
 /// get the reply when it is ready.
 #[derive(Debug, Parser)]

@@ -49,9 +49,14 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// A new engine over a store.
     pub fn new(store: Arc<dyn Store>, config: Config, shutdown: CancellationToken) -> Self {
+        let notifier = Notifier::new();
+        let hub = notifier.clone();
+        store.on_claimable(Arc::new(move |queue: &str| {
+            hub.notify(&Key::Queue(queue.to_string()))
+        }));
         Engine {
             store,
-            notifier: Notifier::new(),
+            notifier,
             metrics: Metrics::default(),
             config,
             timers: Timers::default(),
@@ -98,7 +103,7 @@ impl Engine {
 
     /// Tells waiters and timers about a request's new state.
     pub fn observe(&self, req: &Request, now: Ts) {
-        self.notifier.notify(&Key::Request(req.id.clone()));
+        self.notifier.notify_request(req);
         match req.status {
             Status::Queued => match req.run_after {
                 Some(t) if t > now => self.timers.scheduler.hint(t),
@@ -172,15 +177,48 @@ impl Engine {
         wait: Duration,
         done: impl Fn(&Request) -> bool,
     ) -> Result<Request> {
-        let mut sub = self.notifier.subscribe(Key::Request(r.id.clone()));
+        let sub = self.notifier.subscribe(Key::Request(r.id.clone()));
+        self.wait_subscribed(sub, r, None, wait, done).await
+    }
+
+    /// Subscribes to a request's changes; with [`Engine::wait_subscribed`],
+    /// a caller that subscribes *before* it makes the request (a submit with
+    /// `Prefer: wait`) needs no read to start waiting.
+    pub fn subscribe_request(&self, id: &str) -> crate::notify::Subscription {
+        self.notifier.subscribe(Key::Request(id.to_string()))
+    }
+
+    /// [`Engine::wait_until`] on a subscription made earlier; `known` is the
+    /// request as the caller last saw it *after* subscribing (none: read it).
+    /// A wake-up that carries the request answers without reading it back.
+    pub async fn wait_subscribed(
+        &self,
+        mut sub: crate::notify::Subscription,
+        r: RequestRef,
+        mut known: Option<Request>,
+        wait: Duration,
+        done: impl Fn(&Request) -> bool,
+    ) -> Result<Request> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let req = self.store.request_get(r.clone()).await?;
+            let req = match known.take() {
+                Some(req) => req,
+                None => self.store.request_get(r.clone()).await?,
+            };
             if done(&req) || wait.is_zero() || tokio::time::Instant::now() >= deadline {
                 return Ok(req);
             }
             tokio::select! {
-                _ = sub.changed() => {}
+                _ = sub.changed() => {
+                    // The wake-up carries the request (a local change):
+                    // no need to read it back, whether it is done or not.
+                    if let Some(latest) = sub.latest() {
+                        if done(&latest) {
+                            return Ok(Arc::unwrap_or_clone(latest));
+                        }
+                        known = Some(Arc::unwrap_or_clone(latest));
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = self.shutdown.cancelled() => {
                     return self.store.request_get(r).await;
@@ -248,7 +286,7 @@ impl Engine {
                     self.timers.reaper.hint(first);
                 }
                 for r in &got {
-                    self.notifier.notify(&Key::Request(r.id.clone()));
+                    self.notifier.notify_request(r);
                 }
                 return Ok(got);
             }

@@ -11,7 +11,23 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use coatcheck_core::Request;
 use tokio::sync::watch;
+
+/// What a key's channel carries: a change counter and, for a request key,
+/// the request as that change left it (so a waiter need not read it back).
+#[derive(Debug, Default, Clone)]
+struct Version {
+    n: u64,
+    request: Option<Arc<Request>>,
+}
+
+impl Version {
+    fn bump(&mut self) {
+        self.n = self.n.wrapping_add(1);
+        self.request = None;
+    }
+}
 
 /// What a waiter waits on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -27,14 +43,14 @@ pub enum Key {
 /// The in-process hub.
 #[derive(Debug, Default, Clone)]
 pub struct Notifier {
-    keys: Arc<Mutex<HashMap<Key, watch::Sender<u64>>>>,
+    keys: Arc<Mutex<HashMap<Key, watch::Sender<Version>>>>,
 }
 
 /// A subscription; wait on it with [`Subscription::changed`].
 #[derive(Debug)]
 pub struct Subscription {
     key: Key,
-    rx: Option<watch::Receiver<u64>>,
+    rx: Option<watch::Receiver<Version>>,
     hub: Notifier,
 }
 
@@ -47,6 +63,12 @@ impl Subscription {
                 std::future::pending::<()>().await;
             }
         }
+    }
+
+    /// The request as the latest notification of this key left it, if the
+    /// notification carried it (see [`Notifier::notify_request`]).
+    pub fn latest(&self) -> Option<Arc<Request>> {
+        self.rx.as_ref().and_then(|rx| rx.borrow().request.clone())
     }
 }
 
@@ -74,7 +96,7 @@ impl Notifier {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let rx = keys
             .entry(key.clone())
-            .or_insert_with(|| watch::channel(0).0)
+            .or_insert_with(|| watch::channel(Version::default()).0)
             .subscribe();
         Subscription {
             key,
@@ -87,7 +109,29 @@ impl Notifier {
     pub fn notify(&self, key: &Key) {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = keys.get(key) {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+            tx.send_modify(Version::bump);
+        }
+    }
+
+    /// Wakes every subscriber of this request's key, handing them the
+    /// request as it is now (copied only if someone is waiting). Changes
+    /// can be reported out of order (two tasks finishing at once): an older
+    /// state never replaces a newer one that was already handed over.
+    pub fn notify_request(&self, req: &Request) {
+        let key = Key::Request(req.id.clone());
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = keys.get(&key) {
+            tx.send_if_modified(|v| {
+                if v.request
+                    .as_ref()
+                    .is_some_and(|newer| newer.history_seq > req.history_seq)
+                {
+                    return false;
+                }
+                v.n = v.n.wrapping_add(1);
+                v.request = Some(Arc::new(req.clone()));
+                true
+            });
         }
     }
 
@@ -97,7 +141,7 @@ impl Notifier {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         for (key, tx) in keys.iter() {
             if matches!(key, Key::Queue(_)) {
-                tx.send_modify(|n| *n = n.wrapping_add(1));
+                tx.send_modify(Version::bump);
             }
         }
     }
@@ -107,7 +151,7 @@ impl Notifier {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         for (key, tx) in keys.iter() {
             if matches!(key, Key::Channel(..)) {
-                tx.send_modify(|n| *n = n.wrapping_add(1));
+                tx.send_modify(Version::bump);
             }
         }
     }
@@ -116,7 +160,7 @@ impl Notifier {
     pub fn notify_all(&self) {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         for tx in keys.values() {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+            tx.send_modify(Version::bump);
         }
     }
 

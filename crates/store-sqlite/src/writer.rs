@@ -2,9 +2,15 @@
 //! **group-commits**. It blocks for the first command, drains every command
 //! already waiting (up to [`MAX_BATCH`]), applies them all in one
 //! transaction (each inside its own savepoint, so one failing command cannot
-//! harm the others), commits once — one WAL fsync with `synchronous=FULL` —
-//! and only then answers every caller. Under load the batch grows by itself,
-//! so the cost of the fsync is shared by everyone who arrived meanwhile.
+//! harm the others) and commits once. Under load the batch grows by itself,
+//! so the cost of the commit is shared by everyone who arrived meanwhile.
+//!
+//! **The fsync is pipelined** ([`crate::sync`]): the commit itself writes the
+//! WAL without syncing it; a second thread, the syncer, then fsyncs the WAL
+//! once for every commit that finished meanwhile and only after that answers
+//! the callers whose answer promises durability (or reveals something that
+//! must be durable first). So the writer applies batch N+1 while batch N is
+//! being flushed, and no acknowledgement ever leaves before its fsync.
 
 use std::sync::mpsc;
 
@@ -15,13 +21,14 @@ use coatcheck_core::wire::ChannelMessage;
 use coatcheck_core::ReplyTo;
 use coatcheck_core::{Request, RetryPolicy, Ts};
 use coatcheck_store::{
-    Changed, ChannelReceiveParams, ClaimParams, HeartbeatParams, RequestRef, Result, SettleParams,
-    Settlement, StoreError, SubmitParams, Submitted, WebhookDelivery, WebhookOutcome,
+    Changed, ChannelReceiveParams, ClaimParams, HeartbeatParams, QueueWaker, RequestRef, Result,
+    SettleParams, Settlement, StoreError, SubmitParams, Submitted, WebhookDelivery, WebhookOutcome,
 };
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use crate::sql;
+use crate::sync::{Answer, SyncJob};
 
 /// The most commands one transaction takes.
 pub const MAX_BATCH: usize = 512;
@@ -60,6 +67,13 @@ impl Exec for Connection {
 }
 
 impl Cmd {
+    /// Whether the answer waits for the syncer: the command must be
+    /// durable, or its answer hands out something (a reply message, a
+    /// webhook to deliver) that a power cut must not be able to take back.
+    fn gated(&self) -> bool {
+        self.must_be_durable() || matches!(self, Cmd::ChannelReceive(..) | Cmd::WebhookClaim(..))
+    }
+
     /// Whether the caller's acknowledgement promises the change is on disk:
     /// a 202 (submit), a completion or failure, a cancel, a redrive, an ack.
     fn must_be_durable(&self) -> bool {
@@ -81,7 +95,7 @@ impl Cmd {
 }
 
 /// An answer held back until the commit: called with the commit's error, if any.
-type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+type Pending = Answer;
 
 fn pending<T: Send + 'static>(tx: Reply<T>, res: Result<T>) -> Pending {
     Box::new(move |commit_err| {
@@ -93,13 +107,81 @@ fn pending<T: Send + 'static>(tx: Reply<T>, res: Result<T>) -> Pending {
     })
 }
 
-/// Runs the writer loop until every sender is gone.
-pub fn run(conn: Connection, rx: mpsc::Receiver<Cmd>, retry: RetryPolicy) {
+/// What a command produced, kept until the commit decides its answer.
+enum Out {
+    Submitted(Submitted),
+    Requests(Vec<Request>),
+    Changed(Changed),
+    Settled(Vec<Result<Changed>>),
+    Cancelled(CancelOutcome, Changed),
+    Changes(Vec<Changed>),
+    Messages(Vec<ChannelMessage>),
+    Acks(Vec<bool>),
+    Count(u64),
+    Webhooks(Vec<WebhookDelivery>),
+    Unit,
+    Bytes(Vec<u8>),
+}
+
+/// Pairs a command's reply channel with what it produced.
+fn answer(cmd: Cmd, res: Result<Out>) -> Pending {
+    macro_rules! give {
+        ($tx:expr, $pat:pat => $v:expr) => {
+            pending(
+                $tx,
+                res.and_then(|out| match out {
+                    $pat => Ok($v),
+                    _ => Err(StoreError::Internal(
+                        "a command produced the wrong kind of result".into(),
+                    )),
+                }),
+            )
+        };
+    }
+    match cmd {
+        Cmd::Submit(_, tx) => give!(tx, Out::Submitted(s) => s),
+        Cmd::Claim(_, tx) => give!(tx, Out::Requests(r) => r),
+        Cmd::Heartbeat(_, tx) => give!(tx, Out::Changed(c) => c),
+        Cmd::Settle(_, _, tx) => give!(tx, Out::Settled(s) => s),
+        Cmd::Cancel(_, _, tx) => give!(tx, Out::Cancelled(o, c) => (o, c)),
+        Cmd::Redrive(_, _, tx) => give!(tx, Out::Changed(c) => c),
+        Cmd::ExpireLeases(_, _, tx) => give!(tx, Out::Changes(c) => c),
+        Cmd::ExpireDeadlines(_, _, tx) => give!(tx, Out::Changes(c) => c),
+        Cmd::ChannelReceive(_, tx) => give!(tx, Out::Messages(m) => m),
+        Cmd::ChannelAck(_, _, _, _, tx) => give!(tx, Out::Acks(a) => a),
+        Cmd::ChannelPurge(_, _, tx) => give!(tx, Out::Count(n) => n),
+        Cmd::WebhookClaim(_, _, _, tx) => give!(tx, Out::Webhooks(w) => w),
+        Cmd::WebhookRecord(_, tx) => give!(tx, Out::Unit => ()),
+        Cmd::Purge(_, _, tx) => give!(tx, Out::Count(n) => n),
+        Cmd::Secret(_, tx) => give!(tx, Out::Bytes(b) => b),
+    }
+}
+
+/// Runs the writer loop until every sender is gone, handing durable answers
+/// to the syncer ([`crate::sync::spawn`]).
+pub fn run(
+    conn: Connection,
+    rx: mpsc::Receiver<Cmd>,
+    retry: RetryPolicy,
+    (sync_tx, syncer): (mpsc::Sender<SyncJob>, std::thread::JoinHandle<()>),
+    waker: std::sync::Arc<std::sync::OnceLock<QueueWaker>>,
+) {
+    // The commit only writes the WAL; the syncer makes it durable.
+    if let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
+        tracing::error!(error = %e, "cannot set synchronous=NORMAL on the writer; commits will fsync themselves");
+    }
+    // Checkpoints run on the checkpointer's connection, not in our commits.
+    if let Err(e) = conn.pragma_update(None, "wal_autocheckpoint", 0) {
+        tracing::error!(error = %e, "cannot turn off automatic checkpoints on the writer");
+    }
     let w = Writer {
         conn,
         retry,
         cursors: Default::default(),
-        sync_full: std::cell::Cell::new(true),
+        sync: sync_tx,
+        waker,
+        claimable: Default::default(),
+        torn: Default::default(),
     };
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
@@ -112,13 +194,23 @@ pub fn run(conn: Connection, rx: mpsc::Receiver<Cmd>, retry: RetryPolicy) {
         }
         w.apply_batch(batch);
     }
+    // Every answer still waiting for an fsync is sent before the writer ends.
+    drop(w);
+    let _ = syncer.join();
 }
 
 struct Writer {
     conn: Connection,
     retry: RetryPolicy,
-    /// Whether the connection is in `synchronous=FULL` now.
-    sync_full: std::cell::Cell<bool>,
+    /// The syncer: fsyncs the WAL, then sends the answers that wait for it.
+    sync: mpsc::Sender<SyncJob>,
+    /// Told which queues got claimable work, right after the commit.
+    waker: std::sync::Arc<std::sync::OnceLock<QueueWaker>>,
+    /// Queues that got claimable work in the batch being applied.
+    claimable: std::cell::RefCell<Vec<String>>,
+    /// Set when an unguarded command failed after writing: the batch must
+    /// start over with savepoints.
+    torn: std::cell::Cell<bool>,
     /// Per queue: the priority level and fairness key served last, and how
     /// many of its weight it has used this turn.
     cursors: std::cell::RefCell<std::collections::HashMap<String, (i64, String, u32)>>,
@@ -126,45 +218,88 @@ struct Writer {
 
 impl Writer {
     fn apply_batch(&self, batch: Vec<Cmd>) {
-        let mut answers: Vec<Pending> = Vec::with_capacity(batch.len());
-        self.set_sync(batch.iter().any(Cmd::must_be_durable));
+        let durable = batch.iter().any(Cmd::must_be_durable);
         if let Err(e) = self.conn.exec("BEGIN IMMEDIATE").map_err(sql::classify) {
             for cmd in batch {
-                answers.push(self.refuse(cmd, e.clone()));
+                self.refuse(cmd, e.clone())(None);
             }
-            answers.into_iter().for_each(|a| a(None));
             return;
         }
-        for cmd in batch {
-            answers.push(self.apply_in_savepoint(cmd));
+        // Fast path: no savepoints. A command the rules refuse has written
+        // nothing (every check comes before the first write), so there is
+        // nothing to undo. Only a command that fails *after* writing (an I/O
+        // error, a violated constraint) would leave half its writes: then
+        // the whole batch starts over with a savepoint per command.
+        let cursors = self.cursors.borrow().clone();
+        let mut results: Vec<Result<Out>> = Vec::with_capacity(batch.len());
+        let mut torn = false;
+        for cmd in &batch {
+            let before = self.conn.total_changes();
+            let res = self.exec(cmd, false);
+            if self.torn.take() || (res.is_err() && self.conn.total_changes() != before) {
+                torn = true;
+                break;
+            }
+            results.push(res);
         }
-        let commit_err = self.conn.exec("COMMIT").map_err(sql::classify).err();
-        if commit_err.is_some() {
-            let _ = self.conn.exec("ROLLBACK");
+        if torn {
+            results.clear();
+            self.claimable.borrow_mut().clear();
+            *self.cursors.borrow_mut() = cursors;
+            let restart = self
+                .conn
+                .exec("ROLLBACK")
+                .and_then(|()| self.conn.exec("BEGIN IMMEDIATE"))
+                .map_err(sql::classify);
+            if let Err(e) = restart {
+                for cmd in batch {
+                    self.refuse(cmd, e.clone())(None);
+                }
+                return;
+            }
+            for cmd in &batch {
+                results.push(self.exec_in_savepoint(cmd));
+            }
         }
-        for a in answers {
-            a(commit_err.as_ref());
-        }
-    }
-
-    /// `synchronous=FULL` (the commit fsyncs the WAL) for a batch that holds
-    /// anything whose acknowledgement promises durability; `NORMAL` (no
-    /// fsync; still crash-safe for the process, and never corrupting) for a
-    /// batch of claims, heartbeats, receives and background work, whose loss
-    /// in a power cut only repeats work: a lost claim's lease is simply
-    /// gone, and its request is claimed again. The WAL is sequential, so the
-    /// next FULL commit makes every earlier one durable too.
-    fn set_sync(&self, full: bool) {
-        if self.sync_full.get() != full {
-            let pragma = if full {
-                "PRAGMA synchronous = FULL"
+        let mut now: Vec<Pending> = Vec::new();
+        let mut gated: Vec<Pending> = Vec::with_capacity(batch.len());
+        for (cmd, res) in batch.into_iter().zip(results) {
+            if cmd.gated() {
+                gated.push(answer(cmd, res));
             } else {
-                "PRAGMA synchronous = NORMAL"
+                now.push(answer(cmd, res));
+            }
+        }
+        let woken = std::mem::take(&mut *self.claimable.borrow_mut());
+        if let Err(e) = self.conn.exec("COMMIT").map_err(sql::classify) {
+            let _ = self.conn.exec("ROLLBACK");
+            for a in now.into_iter().chain(gated) {
+                a(Some(&e));
+            }
+            return;
+        }
+        if let Some(wake) = self.waker.get() {
+            for (i, q) in woken.iter().enumerate() {
+                if !woken[..i].contains(q) {
+                    wake(q);
+                }
+            }
+        }
+        // Claims, heartbeats and sweeps promise nothing about the disk: a
+        // power cut only repeats work (a lost claim's request is claimed
+        // again). They answer at once, while the fsync is in flight.
+        for a in now {
+            a(None);
+        }
+        if !gated.is_empty() {
+            let job = SyncJob {
+                answers: gated,
+                fsync: durable,
             };
-            match self.conn.exec(pragma) {
-                Ok(()) => self.sync_full.set(full),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot switch synchronous mode; staying as is")
+            if let Err(mpsc::SendError(job)) = self.sync.send(job) {
+                let e = StoreError::Unavailable("the store is closing".into());
+                for a in job.answers {
+                    a(Some(&e));
                 }
             }
         }
@@ -191,36 +326,10 @@ impl Writer {
     }
 
     /// Applies one command inside a savepoint; on error its writes are undone.
-    fn apply_in_savepoint(&self, cmd: Cmd) -> Pending {
-        if let Err(e) = self.conn.exec("SAVEPOINT cmd").map_err(sql::classify) {
-            return self.refuse(cmd, e);
-        }
-        let (ok, answer) = match cmd {
-            Cmd::Submit(p, tx) => self.finish(tx, self.submit(*p)),
-            Cmd::Claim(p, tx) => self.finish(tx, self.claim(p)),
-            Cmd::Heartbeat(p, tx) => self.finish(tx, self.heartbeat(p)),
-            Cmd::Settle(items, now, tx) => self.finish(tx, self.settle_many(items, now)),
-            Cmd::Cancel(r, now, tx) => self.finish(tx, self.cancel(r, now)),
-            Cmd::Redrive(r, now, tx) => self.finish(tx, self.redrive(r, now)),
-            Cmd::ExpireLeases(now, limit, tx) => self.finish(tx, self.expire_leases(now, limit)),
-            Cmd::ExpireDeadlines(now, limit, tx) => {
-                self.finish(tx, self.expire_deadlines(now, limit))
-            }
-            Cmd::ChannelReceive(p, tx) => self.finish(tx, self.channel_receive(p)),
-            Cmd::ChannelAck(t, c, tokens, now, tx) => {
-                self.finish(tx, self.channel_ack(t, c, tokens, now))
-            }
-            Cmd::ChannelPurge(before, limit, tx) => {
-                self.finish(tx, self.channel_purge(before, limit))
-            }
-            Cmd::WebhookClaim(now, limit, lease, tx) => {
-                self.finish(tx, self.webhook_claim(now, limit, lease))
-            }
-            Cmd::WebhookRecord(o, tx) => self.finish(tx, self.webhook_record(o)),
-            Cmd::Purge(before, limit, tx) => self.finish(tx, self.purge(before, limit)),
-            Cmd::Secret(name, tx) => self.finish(tx, self.secret(&name)),
-        };
-        let rollback = if ok {
+    fn exec_in_savepoint(&self, cmd: &Cmd) -> Result<Out> {
+        self.conn.exec("SAVEPOINT cmd").map_err(sql::classify)?;
+        let res = self.exec(cmd, true);
+        let rollback = if res.is_ok() {
             Ok(())
         } else {
             self.conn.exec("ROLLBACK TO cmd")
@@ -228,11 +337,52 @@ impl Writer {
         if let Err(e) = rollback.and_then(|()| self.conn.exec("RELEASE cmd")) {
             tracing::error!(error = %e, "savepoint end failed");
         }
-        answer
+        res
     }
 
-    fn finish<T: Send + 'static>(&self, tx: Reply<T>, res: Result<T>) -> (bool, Pending) {
-        (res.is_ok(), pending(tx, res))
+    /// Applies one command. `guarded`: inside a savepoint, so a settlement
+    /// batch may undo a failed item with a savepoint of its own; otherwise
+    /// an item that fails after writing sets [`Writer::torn`].
+    fn exec(&self, cmd: &Cmd, guarded: bool) -> Result<Out> {
+        Ok(match cmd {
+            Cmd::Submit(p, _) => {
+                let res = self.submit((**p).clone())?;
+                if let Submitted::Created(r) = &res {
+                    if r.status == coatcheck_core::Status::Queued
+                        && r.run_after.is_none_or(|t| t <= p.now)
+                    {
+                        self.claimable.borrow_mut().push(r.queue.clone());
+                    }
+                }
+                Out::Submitted(res)
+            }
+            Cmd::Claim(p, _) => Out::Requests(self.claim(p.clone())?),
+            Cmd::Heartbeat(p, _) => Out::Changed(self.heartbeat(p.clone())?),
+            Cmd::Settle(items, now, _) => Out::Settled(self.settle_many(items, *now, guarded)?),
+            Cmd::Cancel(r, now, _) => {
+                let (outcome, changed) = self.cancel(r.clone(), *now)?;
+                Out::Cancelled(outcome, changed)
+            }
+            Cmd::Redrive(r, now, _) => Out::Changed(self.redrive(r.clone(), *now)?),
+            Cmd::ExpireLeases(now, limit, _) => Out::Changes(self.expire_leases(*now, *limit)?),
+            Cmd::ExpireDeadlines(now, limit, _) => {
+                Out::Changes(self.expire_deadlines(*now, *limit)?)
+            }
+            Cmd::ChannelReceive(p, _) => Out::Messages(self.channel_receive(p.clone())?),
+            Cmd::ChannelAck(t, c, tokens, now, _) => {
+                Out::Acks(self.channel_ack(t.clone(), c.clone(), tokens.clone(), *now)?)
+            }
+            Cmd::ChannelPurge(before, limit, _) => Out::Count(self.channel_purge(*before, *limit)?),
+            Cmd::WebhookClaim(now, limit, lease, _) => {
+                Out::Webhooks(self.webhook_claim(*now, *limit, *lease)?)
+            }
+            Cmd::WebhookRecord(o, _) => {
+                self.webhook_record(o.clone())?;
+                Out::Unit
+            }
+            Cmd::Purge(before, limit, _) => Out::Count(self.purge(*before, *limit)?),
+            Cmd::Secret(name, _) => Out::Bytes(self.secret(name)?),
+        })
     }
 
     fn load(&self, r: &RequestRef) -> Result<Request> {
@@ -450,16 +600,31 @@ impl Writer {
         self.after_transition(req, events, p.now)
     }
 
-    fn settle_many(&self, items: Vec<SettleParams>, now: Ts) -> Result<Vec<Result<Changed>>> {
+    fn settle_many(
+        &self,
+        items: &[SettleParams],
+        now: Ts,
+        guarded: bool,
+    ) -> Result<Vec<Result<Changed>>> {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            self.conn.exec("SAVEPOINT item").map_err(sql::classify)?;
-            let res = self.settle(item, now);
-            if res.is_err() {
-                self.conn.exec("ROLLBACK TO item").map_err(sql::classify)?;
+            if guarded {
+                self.conn.exec("SAVEPOINT item").map_err(sql::classify)?;
+                let res = self.settle(item.clone(), now);
+                if res.is_err() {
+                    self.conn.exec("ROLLBACK TO item").map_err(sql::classify)?;
+                }
+                self.conn.exec("RELEASE item").map_err(sql::classify)?;
+                out.push(res);
+            } else {
+                let before = self.conn.total_changes();
+                let res = self.settle(item.clone(), now);
+                if res.is_err() && self.conn.total_changes() != before {
+                    self.torn.set(true);
+                    return Err(StoreError::Internal("a settlement failed half-way".into()));
+                }
+                out.push(res);
             }
-            self.conn.exec("RELEASE item").map_err(sql::classify)?;
-            out.push(res);
         }
         Ok(out)
     }

@@ -527,4 +527,18 @@ pub trait Store: Send + Sync + 'static {
     fn remote_changes(&self) -> Option<tokio::sync::broadcast::Receiver<RemoteChange>> {
         None
     }
+
+    /// Registers `wake`, which the store may call with a queue's name as soon
+    /// as a submit that makes work claimable there is *committed* — before
+    /// the submit's own answer, which waits for durability. So a waiting
+    /// claim starts while the fsync is still in flight. (Claiming a request
+    /// whose submit is not yet acknowledged is harmless: a power cut takes
+    /// back both, and the worker's outcome for it is then refused.) A store
+    /// that does not do this leaves it to the answer's own wake-up.
+    fn on_claimable(&self, wake: QueueWaker) {
+        let _ = wake;
+    }
 }
+
+/// See [`Store::on_claimable`].
+pub type QueueWaker = std::sync::Arc<dyn Fn(&str) + Send + Sync>;

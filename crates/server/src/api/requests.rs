@@ -236,6 +236,9 @@ pub async fn submit(
         key,
         body_hash: body_hash(&queue, &body.raw),
     });
+    // Waiting: subscribe before the request exists, so no change can slip
+    // between the submit and the wait, and the wait starts without a read.
+    let early = wait.map(|_| engine.subscribe_request(&new.id));
     let submitted = engine
         .submit(SubmitParams {
             new,
@@ -255,7 +258,17 @@ pub async fn submit(
             id: req.id.clone(),
             tenant: Some(caller.tenant.clone()),
         };
-        req = engine.wait_until(r, d, |r| r.status.is_terminal()).await?;
+        let terminal = |r: &Request| r.status.is_terminal();
+        req = match early {
+            // A new request: the subscription predates it.
+            Some(sub) if !replayed => {
+                engine
+                    .wait_subscribed(sub, r, Some(req), d, terminal)
+                    .await?
+            }
+            // A replay is an older request: wait on it from a fresh read.
+            _ => engine.wait_until(r, d, terminal).await?,
+        };
         // The wait actually honoured (clamped to the server's cap).
         applied = Some(d.as_secs());
     }

@@ -1,0 +1,104 @@
+//! The syncer: makes commits durable off the writer's thread.
+//!
+//! The writer commits with `synchronous=NORMAL`, so a commit appends its
+//! frames to the WAL with `write()` and returns without an fsync. It then
+//! hands the syncer the answers that must not leave before the commit is on
+//! disk. The syncer takes every job waiting, fsyncs the WAL file **once**
+//! for all of them (an fsync flushes every write made to the file before it,
+//! through any descriptor), and only then sends those answers — exactly the
+//! guarantee `synchronous=FULL` gives, but the writer is already applying
+//! the next batch while the disk flushes.
+//!
+//! Jobs are answered in commit order. A job that needs no fsync of its own
+//! (say, a reply-channel receive in a batch with nothing durable) still
+//! waits behind every earlier job, so it can never hand out a change that a
+//! power cut could take back.
+//!
+//! **Checkpoints** (copying the WAL back into the database file) run on a
+//! third thread with its own connection, not inside the writer's commits
+//! (`wal_autocheckpoint` is off on the writer): the syncer nudges it after
+//! each flush, and it runs a `PASSIVE` checkpoint at most every
+//! [`CHECKPOINT_EVERY`]. SQLite fsyncs the WAL before a checkpoint copies it
+//! and the database after, so a checkpoint never moves data that is not on
+//! disk yet. An idle store gets no nudges and its checkpointer sleeps.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use coatcheck_store::StoreError;
+
+/// An answer to a caller; called with the error that stops it, if any.
+pub type Answer = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// The answers of one commit.
+pub struct SyncJob {
+    /// Sent after the fsync (or with its error).
+    pub answers: Vec<Answer>,
+    /// Whether this commit holds a change whose acknowledgement promises
+    /// durability (otherwise the job only keeps its place in line).
+    pub fsync: bool,
+}
+
+/// The shortest time between two checkpoints.
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Starts the syncer for the WAL file at `wal`, and the checkpointer on
+/// `checkpoints` (a connection of its own to the same database).
+pub fn spawn(
+    wal: PathBuf,
+    checkpoints: rusqlite::Connection,
+) -> std::io::Result<(mpsc::Sender<SyncJob>, JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel();
+    let (kick_tx, kick_rx) = mpsc::sync_channel::<()>(1);
+    let checkpointer = std::thread::Builder::new()
+        .name("coatcheck-sqlite-checkpointer".into())
+        .spawn(move || checkpoint_loop(&checkpoints, kick_rx))?;
+    let handle = std::thread::Builder::new()
+        .name("coatcheck-sqlite-syncer".into())
+        .spawn(move || {
+            run(&wal, rx, &kick_tx);
+            drop(kick_tx);
+            let _ = checkpointer.join();
+        })?;
+    Ok((tx, handle))
+}
+
+fn checkpoint_loop(conn: &rusqlite::Connection, kicks: mpsc::Receiver<()>) {
+    while kicks.recv().is_ok() {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "checkpoint failed; the next one retries");
+        }
+        std::thread::sleep(CHECKPOINT_EVERY);
+    }
+}
+
+fn run(wal: &std::path::Path, rx: mpsc::Receiver<SyncJob>, kick: &mpsc::SyncSender<()>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            jobs.push(more);
+        }
+        let err = if jobs.iter().any(|j| j.fsync) {
+            sync_file(wal).err().map(|e| {
+                tracing::error!(error = %e, wal = %wal.display(), "fsync of the WAL failed; the commits it covers are refused");
+                StoreError::Unavailable(format!("the write-ahead log could not be flushed to disk: {e}"))
+            })
+        } else {
+            None
+        };
+        for job in jobs {
+            for answer in job.answers {
+                answer(err.as_ref());
+            }
+        }
+        // Full (a checkpoint is already due) or gone (shutting down): either way, fine.
+        let _ = kick.try_send(());
+    }
+}
+
+/// fdatasync of the file by name: opened afresh each time, so it is always
+/// the WAL SQLite is writing now.
+fn sync_file(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_data()
+}
