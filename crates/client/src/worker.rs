@@ -16,7 +16,10 @@
 //! Key decisions:
 //! - **Claims follow free capacity**: a claim asks for as many requests as
 //!   there are free slots (up to 100) and long-polls (`wait`, default 30 s)
-//!   for them, so an idle worker holds one open call and never busy-polls.
+//!   for them, so an idle worker never busy-polls. With a concurrency of 4
+//!   or more, two claims may be in flight at once, each for the slots free
+//!   when it starts: slots that free up during one claim's round trip are
+//!   claimed by the other instead of waiting for it.
 //! - **Leases** are renewed by a heartbeat task per job at ~1/3 of the lease
 //!   (`worker/lease.rs`); **outcomes** go through one settler task that
 //!   batches and retries with the same lease token until they land
@@ -58,6 +61,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// From this concurrency on, a worker keeps two claims in flight.
+const CLAIM_LANES_FROM: usize = 4;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -309,7 +315,20 @@ impl Worker {
                 ));
             }
         };
-        let stopped = self.claim_loop(&ctx, &shutdown, spawn_job).await;
+        // Two claims in flight (with room for both): while one claim's
+        // round trip is on the wire, slots freed meanwhile are claimed by
+        // the other instead of waiting for it.
+        let capacity = Arc::new(Semaphore::new(self.concurrency));
+        let lanes = if self.concurrency >= CLAIM_LANES_FROM {
+            2
+        } else {
+            1
+        };
+        let stopped = futures::future::try_join_all(
+            (0..lanes).map(|_| self.claim_loop(&ctx, &shutdown, &spawn_job, capacity.clone())),
+        )
+        .await
+        .map(|_| ());
 
         tracker.close();
         if tokio::time::timeout(self.grace, tracker.wait())
@@ -334,9 +353,9 @@ impl Worker {
         &self,
         ctx: &Ctx,
         shutdown: &CancellationToken,
-        spawn_job: impl Fn(ClaimedRequest, Option<OwnedSemaphorePermit>),
+        spawn_job: &impl Fn(ClaimedRequest, Option<OwnedSemaphorePermit>),
+        capacity: Arc<Semaphore>,
     ) -> Result<()> {
-        let capacity = Arc::new(Semaphore::new(self.concurrency));
         let per_claim = self.concurrency.min(100);
         let mut failures = 0u32;
         let mut quick_empties = 0u32;

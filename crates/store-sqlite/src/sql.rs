@@ -4,7 +4,7 @@
 use coatcheck_core::clock::{from_micros, to_micros};
 use coatcheck_core::{EventKind, HistoryEvent, Lease, Request, Status, Ts};
 use coatcheck_store::{Result, StoreError};
-use rusqlite::{named_params, Connection, OptionalExtension, Row};
+use rusqlite::{Connection, OptionalExtension, Row};
 use serde_json::value::RawValue;
 
 /// The migrations, in order; `PRAGMA user_version` is the number applied.
@@ -25,26 +25,66 @@ pub fn select_by_id() -> String {
     format!("SELECT {COLUMNS} FROM requests WHERE id = ?1")
 }
 
-pub const INSERT: &str = "INSERT INTO requests (id, tenant, queue, status, priority, attempts, max_attempts, \
+/// The statements every transition runs, prepared once and kept by their
+/// owner (the writer), so no execution pays a statement-cache lookup (which
+/// hashes the whole SQL text, twice) or a bind by name.
+pub struct Hot<'c> {
+    load: std::cell::RefCell<rusqlite::Statement<'c>>,
+    insert: std::cell::RefCell<rusqlite::Statement<'c>>,
+    update: std::cell::RefCell<rusqlite::Statement<'c>>,
+    history: std::cell::RefCell<rusqlite::Statement<'c>>,
+}
+
+impl<'c> Hot<'c> {
+    /// Prepares them on `conn`.
+    pub fn prepare(conn: &'c Connection) -> rusqlite::Result<Self> {
+        Ok(Hot {
+            load: conn.prepare(&select_by_id())?.into(),
+            insert: conn.prepare(INSERT)?.into(),
+            update: conn.prepare(UPDATE)?.into(),
+            history: conn.prepare(INSERT_HISTORY)?.into(),
+        })
+    }
+
+    /// Loads one request by id.
+    pub fn load(&self, id: &str) -> Result<Option<Request>> {
+        load_with(&mut self.load.borrow_mut(), id)
+    }
+
+    /// Inserts a new request.
+    pub fn insert(&self, req: &Request, idem: Option<(&str, &str)>) -> Result<()> {
+        insert_with(&mut self.insert.borrow_mut(), req, idem)
+    }
+
+    /// Writes back everything a transition may have changed.
+    pub fn update(&self, req: &Request) -> Result<()> {
+        update_with(&mut self.update.borrow_mut(), req)
+    }
+
+    /// Appends history events.
+    pub fn insert_history(&self, id: &str, events: &[HistoryEvent]) -> Result<()> {
+        insert_history_with(&mut self.history.borrow_mut(), id, events)
+    }
+}
+
+/// Parameters by number (`?1` … `?32`, in column order): binding by name
+/// costs a lookup per parameter on every execution.
+pub const INSERT: &str = "INSERT OR FAIL INTO requests (id, tenant, queue, status, priority, attempts, max_attempts, \
     cancel_requested, correlation_id, input, output, error, progress, reply_to, metadata, fallback_queue, \
     fallback_of, fallback_request_id, fairness_key, created_at, updated_at, run_after, deadline, finished_at, \
     lease_token, lease_worker, lease_expires_at, lease_duration_ms, last_lease_token, history_seq, \
-    idempotency_key, idempotency_hash) VALUES (:id, :tenant, :queue, :status, :priority, :attempts, \
-    :max_attempts, :cancel_requested, :correlation_id, :input, :output, :error, :progress, :reply_to, \
-    :metadata, :fallback_queue, :fallback_of, :fallback_request_id, :fairness_key, :created_at, :updated_at, \
-    :run_after, :deadline, :finished_at, :lease_token, :lease_worker, :lease_expires_at, :lease_duration_ms, \
-    :last_lease_token, :history_seq, :idempotency_key, :idempotency_hash)";
+    idempotency_key, idempotency_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, \
+    ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32)";
 
 /// Everything a transition may change; `input`, identity and idempotency never change.
-pub const UPDATE: &str = "UPDATE requests SET status = :status, priority = :priority, attempts = :attempts, \
-    max_attempts = :max_attempts, cancel_requested = :cancel_requested, output = :output, error = :error, \
-    progress = :progress, fallback_request_id = :fallback_request_id, updated_at = :updated_at, \
-    run_after = :run_after, deadline = :deadline, finished_at = :finished_at, lease_token = :lease_token, \
-    lease_worker = :lease_worker, lease_expires_at = :lease_expires_at, lease_duration_ms = :lease_duration_ms, \
-    last_lease_token = :last_lease_token, history_seq = :history_seq WHERE id = :id";
+pub const UPDATE: &str = "UPDATE OR FAIL requests SET status = ?2, priority = ?3, attempts = ?4, \
+    max_attempts = ?5, cancel_requested = ?6, output = ?7, error = ?8, progress = ?9, \
+    fallback_request_id = ?10, updated_at = ?11, run_after = ?12, deadline = ?13, finished_at = ?14, \
+    lease_token = ?15, lease_worker = ?16, lease_expires_at = ?17, lease_duration_ms = ?18, \
+    last_lease_token = ?19, history_seq = ?20 WHERE id = ?1";
 
 pub const INSERT_HISTORY: &str =
-    "INSERT INTO history (request_id, seq, at, event) VALUES (?1, ?2, ?3, ?4)";
+    "INSERT OR FAIL INTO history (request_id, seq, at, event) VALUES (?1, ?2, ?3, ?4)";
 
 pub const SELECT_HISTORY: &str =
     "SELECT seq, at, event FROM history WHERE request_id = ?1 AND seq > ?2 ORDER BY seq";
@@ -259,6 +299,10 @@ pub fn as_stored(req: &mut Request, events: &mut [HistoryEvent]) {
 /// Loads one request by id.
 pub fn load(conn: &Connection, id: &str) -> Result<Option<Request>> {
     let mut stmt = conn.prepare_cached(&select_by_id()).map_err(classify)?;
+    load_with(&mut stmt, id)
+}
+
+fn load_with(stmt: &mut rusqlite::Statement<'_>, id: &str) -> Result<Option<Request>> {
     let mut rows = stmt.query([id]).map_err(classify)?;
     match rows.next().map_err(classify)? {
         Some(row) => Ok(Some(row_to_request(row)?)),
@@ -266,55 +310,80 @@ pub fn load(conn: &Connection, id: &str) -> Result<Option<Request>> {
     }
 }
 
-/// Inserts a new request.
-pub fn insert(conn: &Connection, req: &Request, idem: Option<(&str, &str)>) -> Result<()> {
+fn insert_with(
+    stmt: &mut rusqlite::Statement<'_>,
+    req: &Request,
+    idem: Option<(&str, &str)>,
+) -> Result<()> {
     let metadata = if req.metadata.is_empty() {
         None
     } else {
         Some(&req.metadata)
     };
     let lease = req.lease.as_ref();
-    let mut stmt = conn.prepare_cached(INSERT).map_err(classify)?;
-    stmt.execute(named_params! {
-        ":id": req.id, ":tenant": req.tenant, ":queue": req.queue, ":status": req.status.as_str(),
-        ":priority": req.priority, ":attempts": req.attempts, ":max_attempts": req.max_attempts,
-        ":cancel_requested": req.cancel_requested, ":correlation_id": req.correlation_id,
-        ":input": req.input.get(), ":output": req.output.as_ref().map(|o| o.get()),
-        ":error": to_json(&req.error)?, ":progress": req.progress.as_ref().map(|p| p.get()),
-        ":reply_to": to_json(&req.reply_to)?, ":metadata": to_json(&metadata)?,
-        ":fallback_queue": req.fallback_queue, ":fallback_of": req.fallback_of,
-        ":fallback_request_id": req.fallback_request_id, ":fairness_key": req.fairness_key,
-        ":created_at": to_micros(req.created_at), ":updated_at": to_micros(req.updated_at),
-        ":run_after": req.run_after.map(to_micros), ":deadline": req.deadline.map(to_micros),
-        ":finished_at": req.finished_at.map(to_micros),
-        ":lease_token": lease.map(|l| &l.token), ":lease_worker": lease.map(|l| &l.worker_id),
-        ":lease_expires_at": lease.map(|l| to_micros(l.expires_at)),
-        ":lease_duration_ms": lease.map(|l| l.duration_ms as i64),
-        ":last_lease_token": req.last_lease_token, ":history_seq": req.history_seq as i64,
-        ":idempotency_key": idem.map(|i| i.0), ":idempotency_hash": idem.map(|i| i.1),
-    })
+    stmt.execute(rusqlite::params![
+        req.id,
+        req.tenant,
+        req.queue,
+        req.status.as_str(),
+        req.priority,
+        req.attempts,
+        req.max_attempts,
+        req.cancel_requested,
+        req.correlation_id,
+        req.input.get(),
+        req.output.as_ref().map(|o| o.get()),
+        to_json(&req.error)?,
+        req.progress.as_ref().map(|p| p.get()),
+        to_json(&req.reply_to)?,
+        to_json(&metadata)?,
+        req.fallback_queue,
+        req.fallback_of,
+        req.fallback_request_id,
+        req.fairness_key,
+        to_micros(req.created_at),
+        to_micros(req.updated_at),
+        req.run_after.map(to_micros),
+        req.deadline.map(to_micros),
+        req.finished_at.map(to_micros),
+        lease.map(|l| &l.token),
+        lease.map(|l| &l.worker_id),
+        lease.map(|l| to_micros(l.expires_at)),
+        lease.map(|l| l.duration_ms as i64),
+        req.last_lease_token,
+        req.history_seq as i64,
+        idem.map(|i| i.0),
+        idem.map(|i| i.1),
+    ])
     .map_err(classify)?;
     Ok(())
 }
 
-/// Writes back everything a transition may have changed.
-pub fn update(conn: &Connection, req: &Request) -> Result<()> {
+fn update_with(stmt: &mut rusqlite::Statement<'_>, req: &Request) -> Result<()> {
     let lease = req.lease.as_ref();
-    let mut stmt = conn.prepare_cached(UPDATE).map_err(classify)?;
     let n = stmt
-        .execute(named_params! {
-            ":id": req.id, ":status": req.status.as_str(), ":priority": req.priority,
-            ":attempts": req.attempts, ":max_attempts": req.max_attempts,
-            ":cancel_requested": req.cancel_requested, ":output": req.output.as_ref().map(|o| o.get()),
-            ":error": to_json(&req.error)?, ":progress": req.progress.as_ref().map(|p| p.get()),
-            ":fallback_request_id": req.fallback_request_id, ":updated_at": to_micros(req.updated_at),
-            ":run_after": req.run_after.map(to_micros), ":deadline": req.deadline.map(to_micros),
-            ":finished_at": req.finished_at.map(to_micros),
-            ":lease_token": lease.map(|l| &l.token), ":lease_worker": lease.map(|l| &l.worker_id),
-            ":lease_expires_at": lease.map(|l| to_micros(l.expires_at)),
-            ":lease_duration_ms": lease.map(|l| l.duration_ms as i64),
-            ":last_lease_token": req.last_lease_token, ":history_seq": req.history_seq as i64,
-        })
+        .execute(rusqlite::params![
+            req.id,
+            req.status.as_str(),
+            req.priority,
+            req.attempts,
+            req.max_attempts,
+            req.cancel_requested,
+            req.output.as_ref().map(|o| o.get()),
+            to_json(&req.error)?,
+            req.progress.as_ref().map(|p| p.get()),
+            req.fallback_request_id,
+            to_micros(req.updated_at),
+            req.run_after.map(to_micros),
+            req.deadline.map(to_micros),
+            req.finished_at.map(to_micros),
+            lease.map(|l| &l.token),
+            lease.map(|l| &l.worker_id),
+            lease.map(|l| to_micros(l.expires_at)),
+            lease.map(|l| l.duration_ms as i64),
+            req.last_lease_token,
+            req.history_seq as i64,
+        ])
         .map_err(classify)?;
     if n != 1 {
         return Err(internal(format!("update of {} touched {n} rows", req.id)));
@@ -322,12 +391,11 @@ pub fn update(conn: &Connection, req: &Request) -> Result<()> {
     Ok(())
 }
 
-/// Appends history events.
-pub fn insert_history(conn: &Connection, id: &str, events: &[HistoryEvent]) -> Result<()> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let mut stmt = conn.prepare_cached(INSERT_HISTORY).map_err(classify)?;
+fn insert_history_with(
+    stmt: &mut rusqlite::Statement<'_>,
+    id: &str,
+    events: &[HistoryEvent],
+) -> Result<()> {
     for e in events {
         let body = serde_json::to_string(&e.kind).map_err(internal)?;
         stmt.execute(rusqlite::params![id, e.seq as i64, to_micros(e.at), body])

@@ -174,8 +174,21 @@ pub fn run(
     if let Err(e) = conn.pragma_update(None, "wal_autocheckpoint", 0) {
         tracing::error!(error = %e, "cannot turn off automatic checkpoints on the writer");
     }
+    let hot = match sql::Hot::prepare(&conn) {
+        Ok(hot) => hot,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot prepare the writer's statements; the store refuses writes");
+            let e =
+                StoreError::Internal(format!("the writer could not prepare its statements: {e}"));
+            while let Ok(cmd) = rx.recv() {
+                answer(cmd, Err(e.clone()))(None);
+            }
+            return;
+        }
+    };
     let w = Writer {
-        conn,
+        conn: &conn,
+        hot,
         retry,
         cursors: Default::default(),
         sync: sync_tx,
@@ -199,8 +212,10 @@ pub fn run(
     let _ = syncer.join();
 }
 
-struct Writer {
-    conn: Connection,
+struct Writer<'c> {
+    conn: &'c Connection,
+    /// The statements of every transition, prepared once.
+    hot: sql::Hot<'c>,
     retry: RetryPolicy,
     /// The syncer: fsyncs the WAL, then sends the answers that wait for it.
     sync: mpsc::Sender<SyncJob>,
@@ -216,12 +231,12 @@ struct Writer {
     cursors: std::cell::RefCell<std::collections::HashMap<String, (i64, String, u32)>>,
 }
 
-impl Writer {
+impl Writer<'_> {
     fn apply_batch(&self, batch: Vec<Cmd>) {
         let durable = batch.iter().any(Cmd::must_be_durable);
         if let Err(e) = self.conn.exec("BEGIN IMMEDIATE").map_err(sql::classify) {
             for cmd in batch {
-                self.refuse(cmd, e.clone())(None);
+                answer(cmd, Err(e.clone()))(None);
             }
             return;
         }
@@ -253,7 +268,7 @@ impl Writer {
                 .map_err(sql::classify);
             if let Err(e) = restart {
                 for cmd in batch {
-                    self.refuse(cmd, e.clone())(None);
+                    answer(cmd, Err(e.clone()))(None);
                 }
                 return;
             }
@@ -302,26 +317,6 @@ impl Writer {
                     a(Some(&e));
                 }
             }
-        }
-    }
-
-    fn refuse(&self, cmd: Cmd, e: StoreError) -> Pending {
-        match cmd {
-            Cmd::Submit(_, tx) => pending(tx, Err(e)),
-            Cmd::Claim(_, tx) => pending(tx, Err(e)),
-            Cmd::Heartbeat(_, tx) => pending(tx, Err(e)),
-            Cmd::Settle(_, _, tx) => pending(tx, Err(e)),
-            Cmd::Cancel(_, _, tx) => pending(tx, Err(e)),
-            Cmd::Redrive(_, _, tx) => pending(tx, Err(e)),
-            Cmd::ExpireLeases(_, _, tx) => pending(tx, Err(e)),
-            Cmd::ExpireDeadlines(_, _, tx) => pending(tx, Err(e)),
-            Cmd::ChannelReceive(_, tx) => pending(tx, Err(e)),
-            Cmd::ChannelAck(_, _, _, _, tx) => pending(tx, Err(e)),
-            Cmd::ChannelPurge(_, _, tx) => pending(tx, Err(e)),
-            Cmd::WebhookClaim(_, _, _, tx) => pending(tx, Err(e)),
-            Cmd::WebhookRecord(_, tx) => pending(tx, Err(e)),
-            Cmd::Purge(_, _, tx) => pending(tx, Err(e)),
-            Cmd::Secret(_, tx) => pending(tx, Err(e)),
         }
     }
 
@@ -386,7 +381,7 @@ impl Writer {
     }
 
     fn load(&self, r: &RequestRef) -> Result<Request> {
-        let req = sql::load(&self.conn, &r.id)?.ok_or(StoreError::NotFound)?;
+        let req = self.hot.load(&r.id)?.ok_or(StoreError::NotFound)?;
         match &r.tenant {
             Some(t) if *t != req.tenant => Err(StoreError::NotFound),
             _ => Ok(req),
@@ -398,8 +393,8 @@ impl Writer {
     /// the caller answers with equals the one a later read returns.
     fn save(&self, req: &mut Request, events: &mut [coatcheck_core::HistoryEvent]) -> Result<()> {
         sql::as_stored(req, events);
-        sql::update(&self.conn, req)?;
-        sql::insert_history(&self.conn, &req.id, events)
+        self.hot.update(req)?;
+        self.hot.insert_history(&req.id, events)
     }
 
     /// A named secret: created at random if absent, then read back. The
@@ -433,7 +428,7 @@ impl Writer {
                 if hash.as_deref() != Some(idem.body_hash.as_str()) {
                     return Err(StoreError::IdempotencyMismatch);
                 }
-                let req = sql::load(&self.conn, &id)?.ok_or(StoreError::NotFound)?;
+                let req = self.hot.load(&id)?.ok_or(StoreError::NotFound)?;
                 return Ok(Submitted::Replayed(req));
             }
         }
@@ -443,8 +438,8 @@ impl Writer {
             .idempotency
             .as_ref()
             .map(|i| (i.key.as_str(), i.body_hash.as_str()));
-        sql::insert(&self.conn, &req, idem)?;
-        sql::insert_history(&self.conn, &req.id, &events)?;
+        self.hot.insert(&req, idem)?;
+        self.hot.insert_history(&req.id, &events)?;
         Ok(Submitted::Created(req))
     }
 
@@ -543,13 +538,13 @@ impl Writer {
                 continue;
             }
             let ids = sql::ids(
-                &self.conn,
+                self.conn,
                 sql::KEY_HEADS,
                 rusqlite::params![p.queue, prio, key, now, take as i64],
             )?;
             let mut got = 0;
             for id in ids {
-                let Some(mut req) = sql::load(&self.conn, &id)? else {
+                let Some(mut req) = self.hot.load(&id)? else {
                     continue;
                 };
                 if let Ok(mut events) =
@@ -672,8 +667,8 @@ impl Writer {
                 events.extend(more);
                 let (mut fb, mut fb_events) = rules::submit(new, now);
                 sql::as_stored(&mut fb, &mut fb_events);
-                sql::insert(&self.conn, &fb, None)?;
-                sql::insert_history(&self.conn, &fb.id, &fb_events)?;
+                self.hot.insert(&fb, None)?;
+                self.hot.insert_history(&fb.id, &fb_events)?;
                 spawned = Some(fb);
             }
         }
@@ -837,7 +832,7 @@ impl Writer {
 
     fn purge(&self, before: Ts, limit: u32) -> Result<u64> {
         let ids = sql::ids(
-            &self.conn,
+            self.conn,
             sql::SELECT_PURGEABLE,
             rusqlite::params![to_micros(before), limit as i64],
         )?;
@@ -905,7 +900,7 @@ impl Writer {
 
     fn expire_leases(&self, now: Ts, limit: u32) -> Result<Vec<Changed>> {
         let ids = sql::ids(
-            &self.conn,
+            self.conn,
             sql::SELECT_LEASES_DUE,
             rusqlite::params![coatcheck_core::clock::to_micros(now), limit as i64],
         )?;
@@ -921,7 +916,7 @@ impl Writer {
 
     fn expire_deadlines(&self, now: Ts, limit: u32) -> Result<Vec<Changed>> {
         let ids = sql::ids(
-            &self.conn,
+            self.conn,
             sql::SELECT_DEADLINES_DUE,
             rusqlite::params![coatcheck_core::clock::to_micros(now), limit as i64],
         )?;

@@ -69,6 +69,10 @@ pub struct Args {
     /// Skip the enqueue-only and claim+complete-only phases.
     #[arg(long)]
     pub skip_phases: bool,
+    /// First fill another queue with this many requests that nobody claims,
+    /// so the measured phases run over a deep backlog in the same store.
+    #[arg(long, default_value_t = 0)]
+    pub backlog: usize,
     /// Print one JSON document instead of a report.
     #[arg(long)]
     pub json: bool,
@@ -96,15 +100,27 @@ struct Latency {
     max_ms: f64,
 }
 
+/// Enqueue → claim, from the server's own timestamps in each request's
+/// history (`submitted` → `claimed`): how long a waiting worker takes to get
+/// a new request, with nothing else queued.
+#[derive(Debug, Serialize)]
+struct Wake {
+    n: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     reply_mode: ReplyMode,
     store: String,
+    backlog: usize,
     n: usize,
     window: usize,
     worker_concurrency: usize,
     throughput_replies_per_s: f64,
     latency: Latency,
+    wake: Option<Wake>,
     enqueue_only_per_s: Option<f64>,
     claim_complete_only_per_s: Option<f64>,
 }
@@ -246,7 +262,7 @@ async fn round_trip(
     mode: ReplyMode,
     i: usize,
     inbox: Option<&Inbox>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let input = payload(i);
     match mode {
         ReplyMode::PreferWait => {
@@ -260,19 +276,21 @@ async fn round_trip(
                     .wait(out.id(), Some(Duration::from_secs(120)))
                     .await?;
             }
-            check(&out.request, i)
+            check(&out.request, i)?;
+            Ok(out.request.id)
         }
         ReplyMode::LongPoll => {
             let out = client.submit(queue, &input).send().await?;
             let req = client
                 .wait(out.id(), Some(Duration::from_secs(120)))
                 .await?;
-            check(&req, i)
+            check(&req, i)?;
+            Ok(req.id)
         }
         ReplyMode::Channel => {
             let inbox = inbox.context("channel mode needs an inbox")?;
             let rx = inbox.expect(i);
-            client
+            let out = client
                 .submit(queue, &input)
                 .reply_to(ReplyTo::Channel(inbox.channel.clone()))
                 .send()
@@ -283,7 +301,7 @@ async fn round_trip(
             if id != i as u64 {
                 bail!("reply {id} for request {i}");
             }
-            Ok(())
+            Ok(out.request.id)
         }
     }
 }
@@ -429,6 +447,32 @@ async fn drained(client: &Client, queue: &str, n: u64) -> anyhow::Result<()> {
     }
 }
 
+/// How many of the sequential requests' histories the wake time is read from.
+const WAKE_SAMPLE: usize = 500;
+
+async fn wake_times(client: &Client, ids: &[String]) -> anyhow::Result<Option<Wake>> {
+    use coatcheck_core::EventKind;
+    let mut waits = Vec::with_capacity(ids.len());
+    for id in ids {
+        let events = client.history(id).await?;
+        let at = |pick: fn(&EventKind) -> bool| events.iter().find(|e| pick(&e.kind)).map(|e| e.at);
+        let submitted = at(|k| matches!(k, EventKind::Submitted { .. }));
+        let claimed = at(|k| matches!(k, EventKind::Claimed { .. }));
+        if let (Some(s), Some(c)) = (submitted, claimed) {
+            waits.push((c - s).to_std().unwrap_or_default());
+        }
+    }
+    if waits.is_empty() {
+        return Ok(None);
+    }
+    waits.sort();
+    Ok(Some(Wake {
+        n: waits.len(),
+        p50_ms: percentile(&waits, 0.50),
+        p99_ms: percentile(&waits, 0.99),
+    }))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -460,6 +504,21 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
     let run = uuid::Uuid::new_v4().simple().to_string();
     let run = &run[..8];
 
+    if a.backlog > 0 {
+        eprintln!("backlog: {} requests into a queue nobody claims", a.backlog);
+        let took = enqueue_only(
+            &client,
+            &format!("bench-backlog-{run}"),
+            a.backlog,
+            a.window.max(256),
+        )
+        .await?;
+        eprintln!(
+            "backlog: stored in {:.1} s ({:.0}/s)",
+            took.as_secs_f64(),
+            a.backlog as f64 / took.as_secs_f64()
+        );
+    }
     let (mut enqueue_rate, mut drain_rate) = (None, None);
     if !a.skip_phases {
         let q = format!("bench-enqueue-{run}");
@@ -512,17 +571,20 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
     eprintln!("latency: {} sequential requests", a.latency_n);
     let progress = Progress::new("latency", a.latency_n);
     let mut lat = Vec::with_capacity(a.latency_n);
+    let mut ids = Vec::with_capacity(a.latency_n);
     for k in 0..a.latency_n {
         let i = a.warmup + a.n + k;
         let t = Instant::now();
-        round_trip(&client, &queue, a.mode, i, inbox.as_ref()).await?;
+        ids.push(round_trip(&client, &queue, a.mode, i, inbox.as_ref()).await?);
         lat.push(t.elapsed());
         progress.tick();
     }
     lat.sort();
+    let wake = wake_times(&client, &ids[ids.len().saturating_sub(WAKE_SAMPLE)..]).await?;
     Ok(Report {
         reply_mode: a.mode,
         store,
+        backlog: a.backlog,
         n: a.n,
         window: a.window,
         worker_concurrency: a.concurrency,
@@ -533,6 +595,7 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
             p99_ms: percentile(&lat, 0.99),
             max_ms: lat.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
         },
+        wake,
         enqueue_only_per_s: enqueue_rate,
         claim_complete_only_per_s: drain_rate,
     })
@@ -564,6 +627,15 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         "  latency:            p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (n={}, sequential)",
         r.latency.p50_ms, r.latency.p99_ms, r.latency.max_ms, r.latency.n
     );
+    if let Some(w) = &r.wake {
+        println!(
+            "  enqueue→claim:      p50 {:.2} ms  p99 {:.2} ms  (server clock, from {} histories)",
+            w.p50_ms, w.p99_ms, w.n
+        );
+    }
+    if r.backlog > 0 {
+        println!("  backlog:            {} requests queued in another queue", r.backlog);
+    }
     if let (Some(e), Some(d)) = (r.enqueue_only_per_s, r.claim_complete_only_per_s) {
         println!("  enqueue only:       {e:.0} requests/s");
         println!("  claim+complete:     {d:.0} requests/s");
