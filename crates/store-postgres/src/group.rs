@@ -1,5 +1,5 @@
-//! Group commit: concurrent submits (without an idempotency key), and
-//! concurrent settlements, are each written together — one transaction,
+//! Group commit: concurrent submits (with or without an idempotency key),
+//! and concurrent settlements, are each written together — one transaction,
 //! one commit, one WAL flush for everything that arrived meanwhile — by a
 //! few writer tasks that each take whatever is waiting (up to
 //! [`MAX_BATCH`]), the way the embedded store's single writer does. Idle, a
@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use coatcheck_core::{HistoryEvent, Request, Ts};
-use coatcheck_store::{Changed, Result, SettleParams, StoreError};
+use coatcheck_store::{Changed, Idempotency, Result, SettleParams, StoreError, Submitted};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 
@@ -37,7 +37,8 @@ pub const WRITERS: usize = 4;
 pub struct Submit {
     pub req: Request,
     pub events: Vec<HistoryEvent>,
-    pub done: oneshot::Sender<Result<()>>,
+    pub idem: Option<Idempotency>,
+    pub done: oneshot::Sender<Result<Submitted>>,
 }
 
 /// A settlement call waiting to be applied.
@@ -121,21 +122,15 @@ pub fn write_submits(
     Box::pin(async move {
         let res = inner.insert(batch.iter()).await;
         match res {
-            Ok(()) => {
-                inner
-                    .announce(batch.iter().map(|p| listen::entry(&p.req)).collect())
-                    .await;
-                for p in batch {
-                    let _ = p.done.send(Ok(()));
-                }
-            }
+            Ok(created) => inner.answer_submits(batch, &created).await,
             Err(e) if batch.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
                 for p in batch {
-                    let res = inner.insert(std::iter::once(&p)).await;
-                    if res.is_ok() {
-                        inner.announce(vec![listen::entry(&p.req)]).await;
+                    match inner.insert(std::iter::once(&p)).await {
+                        Ok(created) => inner.answer_submits(vec![p], &created).await,
+                        Err(e) => {
+                            let _ = p.done.send(Err(e));
+                        }
                     }
-                    let _ = p.done.send(res);
                 }
             }
             Err(e) => {
@@ -188,20 +183,74 @@ pub fn write_settles(
 }
 
 impl Inner {
-    async fn insert<'a>(&self, batch: impl Iterator<Item = &'a Submit>) -> Result<()> {
+    /// Inserts the batch in one statement; the ids it created (a submit
+    /// whose idempotency key was taken created nothing).
+    async fn insert<'a>(
+        &self,
+        batch: impl Iterator<Item = &'a Submit>,
+    ) -> Result<std::collections::HashSet<String>> {
         let mut rows = NewRows::default();
         for p in batch {
-            rows.push(&p.req, &p.events)?;
+            rows.push(&p.req, &p.events, p.idem.as_ref())?;
         }
+        rows.seal();
         let client = self.pool.get().await.map_err(pool)?;
         let stmt = client
             .prepare_cached(sql::INSERT_REQUESTS)
             .await
             .map_err(classify)?;
-        client
-            .execute(&stmt, &rows.params())
+        let created = client
+            .query(&stmt, &rows.params())
             .await
             .map_err(classify)?;
-        Ok(())
+        created
+            .iter()
+            .map(|r| r.try_get::<_, String>(0).map_err(classify))
+            .collect()
+    }
+
+    /// Answers a written batch: created, or — its key was taken — the
+    /// request that took it (a replay), or a mismatch.
+    async fn answer_submits(
+        &self,
+        batch: Vec<Submit>,
+        created: &std::collections::HashSet<String>,
+    ) {
+        let (new, taken): (Vec<_>, Vec<_>) =
+            batch.into_iter().partition(|p| created.contains(&p.req.id));
+        self.announce(new.iter().map(|p| listen::entry(&p.req)).collect())
+            .await;
+        for p in new {
+            let _ = p.done.send(Ok(Submitted::Created(p.req)));
+        }
+        for p in taken {
+            let res = self.replay(&p).await;
+            let _ = p.done.send(res);
+        }
+    }
+
+    /// A submit whose idempotency key was taken: the request that has it.
+    async fn replay(&self, p: &Submit) -> Result<Submitted> {
+        let Some(idem) = &p.idem else {
+            return Err(StoreError::Internal(format!(
+                "the submit of {} was not written",
+                p.req.id
+            )));
+        };
+        let client = self.pool.get().await.map_err(pool)?;
+        let rows = client
+            .query(sql::SELECT_IDEMPOTENCY, &[&p.req.tenant, &idem.key])
+            .await
+            .map_err(classify)?;
+        let row = rows.first().ok_or_else(|| {
+            StoreError::Unavailable("an idempotency key changed meanwhile".into())
+        })?;
+        let id: String = row.try_get(0).map_err(classify)?;
+        let hash: String = row.try_get(1).map_err(classify)?;
+        drop(client);
+        if hash != idem.body_hash {
+            return Err(StoreError::IdempotencyMismatch);
+        }
+        Ok(Submitted::Replayed(self.get(&id).await?))
     }
 }

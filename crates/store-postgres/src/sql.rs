@@ -160,18 +160,42 @@ pub const INSERT_REQUEST: &str = "WITH r AS (\
 /// New requests (many submits group-committed in one statement): rows,
 /// payloads and first history events from parallel arrays. Rows go in in
 /// array order, so `seq` (the FIFO tie-break) follows arrival order.
-pub const INSERT_REQUESTS: &str = "WITH r AS (\
-    INSERT INTO requests (id, tenant, queue, status, priority, attempts, max_attempts, \
-        cancel_requested, correlation_id, error, fallback_queue, fallback_of, fallback_request_id, \
-        fairness_key, created_at, updated_at, run_after, deadline, finished_at, history_seq) \
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], \
+///
+/// Submits with an idempotency key take it in the same statement (`k`, its
+/// own arrays `$28…$31` sorted by tenant and key, so two batches never wait
+/// on each other's keys in opposite orders): a request is inserted only if
+/// it has no key or its key was free — a taken key (by an earlier request,
+/// or by an earlier submit of the same batch) inserts nothing, and the
+/// caller then reads whose it is. The statement returns the ids it created.
+pub const INSERT_REQUESTS: &str = "WITH k AS (\
+    INSERT INTO idempotency_keys (tenant, key, body_hash, request_id) \
+    SELECT * FROM unnest($28::text[], $29::text[], $30::text[], $31::text[]) \
+    ON CONFLICT DO NOTHING RETURNING request_id), \
+  v AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], \
         $6::integer[], $7::integer[], $8::boolean[], $9::text[], $10::text[], $11::text[], \
         $12::text[], $13::text[], $14::text[], $15::timestamptz[], $16::timestamptz[], \
-        $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $20::bigint[])), \
+        $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], $20::bigint[], $32::text[]) \
+        WITH ORDINALITY AS v(id, tenant, queue, status, priority, attempts, max_attempts, \
+        cancel_requested, correlation_id, error, fallback_queue, fallback_of, fallback_request_id, \
+        fairness_key, created_at, updated_at, run_after, deadline, finished_at, history_seq, \
+        idempotency_key, n) \
+    WHERE v.idempotency_key IS NULL OR v.id IN (SELECT request_id FROM k)), \
+  r AS (\
+    INSERT INTO requests (id, tenant, queue, status, priority, attempts, max_attempts, \
+        cancel_requested, correlation_id, error, fallback_queue, fallback_of, fallback_request_id, \
+        fairness_key, created_at, updated_at, run_after, deadline, finished_at, history_seq, \
+        idempotency_key) \
+    SELECT id, tenant, queue, status, priority, attempts, max_attempts, cancel_requested, \
+        correlation_id, error, fallback_queue, fallback_of, fallback_request_id, fairness_key, \
+        created_at, updated_at, run_after, deadline, finished_at, history_seq, idempotency_key \
+    FROM v ORDER BY n RETURNING id), \
   p AS (INSERT INTO request_payloads (id, input, reply_to, metadata) \
-    SELECT * FROM unnest($1::text[], $21::text[], $22::text[], $23::text[])) \
-  INSERT INTO history (request_id, seq, at, event) \
-    SELECT * FROM unnest($24::text[], $25::bigint[], $26::timestamptz[], $27::text[])";
+    SELECT * FROM unnest($1::text[], $21::text[], $22::text[], $23::text[]) AS x(id, input, reply_to, metadata) \
+    WHERE x.id IN (SELECT id FROM v)), \
+  h AS (INSERT INTO history (request_id, seq, at, event) \
+    SELECT * FROM unnest($24::text[], $25::bigint[], $26::timestamptz[], $27::text[]) AS e(request_id, seq, at, event) \
+    WHERE e.request_id IN (SELECT id FROM v)) \
+  SELECT id FROM r";
 
 /// Everything a transition may change in the hot row, for many requests.
 /// Identity, input and idempotency never change. (`r.id = ANY($1)`
@@ -212,12 +236,6 @@ pub const INSERT_HISTORY: &str = "INSERT INTO history (request_id, seq, at, even
 
 pub const SELECT_HISTORY: &str =
     "SELECT seq, at, event FROM history WHERE request_id = $1 AND seq > $2 ORDER BY seq";
-
-/// Takes an idempotency key for a new request; no row back if it is taken
-/// (waiting for a concurrent submit with the same key to commit or roll back).
-pub const INSERT_IDEMPOTENCY: &str =
-    "INSERT INTO idempotency_keys (tenant, key, body_hash, request_id) \
-    VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING request_id";
 
 pub const SELECT_IDEMPOTENCY: &str =
     "SELECT request_id, body_hash FROM idempotency_keys WHERE tenant = $1 AND key = $2";
@@ -651,7 +669,7 @@ impl PayloadUpdates {
 }
 
 /// New requests as the parallel arrays of [`INSERT_REQUESTS`] (fresh
-/// submits only: no lease, output, progress or idempotency key yet).
+/// submits only: no lease, output or progress yet).
 #[derive(Default)]
 pub struct NewRows {
     id: Vec<String>,
@@ -678,11 +696,31 @@ pub struct NewRows {
     reply_to: Vec<Option<String>>,
     metadata: Vec<Option<String>>,
     history: History,
+    idempotency_key: Vec<Option<String>>,
+    /// The keys to take, sorted by tenant and key before the statement runs:
+    /// (tenant, key, body hash, request id).
+    keys: Vec<(String, String, String, String)>,
+    key_params: [Vec<String>; 4],
 }
 
 impl NewRows {
-    /// Adds a new request and its first events.
-    pub fn push(&mut self, req: &Request, events: &[HistoryEvent]) -> Result<()> {
+    /// Adds a new request and its first events; with `idem`, only if that
+    /// key (of the request's tenant) is free.
+    pub fn push(
+        &mut self,
+        req: &Request,
+        events: &[HistoryEvent],
+        idem: Option<&coatcheck_store::Idempotency>,
+    ) -> Result<()> {
+        if let Some(i) = idem {
+            self.keys.push((
+                req.tenant.clone(),
+                i.key.clone(),
+                i.body_hash.clone(),
+                req.id.clone(),
+            ));
+        }
+        self.idempotency_key.push(idem.map(|i| i.key.clone()));
         let metadata = (!req.metadata.is_empty()).then_some(&req.metadata);
         let (error, reply_to, metadata) = (
             to_json(req.error.as_ref())?,
@@ -717,8 +755,21 @@ impl NewRows {
         Ok(())
     }
 
+    /// Sorts the keys to take into one global order (see [`INSERT_REQUESTS`]).
+    pub fn seal(&mut self) {
+        self.keys.sort();
+        let [t, k, b, r] = &mut self.key_params;
+        for (tenant, key, hash, id) in &self.keys {
+            t.push(tenant.clone());
+            k.push(key.clone());
+            b.push(hash.clone());
+            r.push(id.clone());
+        }
+    }
+
     pub fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         let h = self.history.params();
+        let [t, k, b, r] = &self.key_params;
         vec![
             &self.id,
             &self.tenant,
@@ -747,6 +798,11 @@ impl NewRows {
             h[1],
             h[2],
             h[3],
+            t,
+            k,
+            b,
+            r,
+            &self.idempotency_key,
         ]
     }
 }

@@ -265,59 +265,19 @@ impl Inner {
     pub async fn submit(&self, p: SubmitParams) -> Result<Submitted> {
         let now = truncate(p.now);
         let (req, events) = rules::submit(p.new, now);
-        match &p.idempotency {
-            None => {
-                // Group-committed with other submits (see `group.rs`),
-                // which also announces it.
-                let (done, written) = tokio::sync::oneshot::channel();
-                let call = crate::group::Submit {
-                    req: req.clone(),
-                    events,
-                    done,
-                };
-                if !self.submits.send(call) {
-                    return Err(crate::tx::closed());
-                }
-                written.await.map_err(|_| crate::tx::closed())??;
-                return Ok(Submitted::Created(req));
-            }
-            Some(idem) => {
-                let row = NewRow::new(&req, &events, Some(&idem.key))?;
-                let mut tx = Tx::start(&self.pool).await?;
-                let taken = tx
-                    .query(
-                        sql::INSERT_IDEMPOTENCY,
-                        &[&req.tenant, &idem.key, &idem.body_hash, &req.id],
-                    )
-                    .await;
-                match taken {
-                    Ok(rows) if !rows.is_empty() => {
-                        tx.commit(&[(sql::INSERT_REQUEST, row.params())]).await?;
-                    }
-                    Ok(_) => {
-                        // The key is taken (by a committed submit: the insert
-                        // waited for any concurrent one to finish).
-                        let found = tx
-                            .query(sql::SELECT_IDEMPOTENCY, &[&req.tenant, &idem.key])
-                            .await;
-                        tx.rollback().await;
-                        let rows = found?;
-                        let row = rows.first().ok_or_else(|| {
-                            StoreError::Unavailable("an idempotency key changed meanwhile".into())
-                        })?;
-                        let id: String = row.try_get(0).map_err(internal)?;
-                        let hash: String = row.try_get(1).map_err(internal)?;
-                        if hash != idem.body_hash {
-                            return Err(StoreError::IdempotencyMismatch);
-                        }
-                        return Ok(Submitted::Replayed(self.get(&id).await?));
-                    }
-                    Err(e) => return tx.end(Err(e)).await,
-                }
-            }
+        // Group-committed with other submits (see `group.rs`), which also
+        // takes the idempotency key and announces the request.
+        let (done, written) = tokio::sync::oneshot::channel();
+        let call = crate::group::Submit {
+            req,
+            events,
+            idem: p.idempotency,
+            done,
+        };
+        if !self.submits.send(call) {
+            return Err(crate::tx::closed());
         }
-        self.announce(vec![listen::entry(&req)]).await;
-        Ok(Submitted::Created(req))
+        written.await.map_err(|_| crate::tx::closed())?
     }
 
     pub async fn heartbeat(&self, p: HeartbeatParams) -> Result<Changed> {

@@ -634,7 +634,10 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         );
     }
     if r.backlog > 0 {
-        println!("  backlog:            {} requests queued in another queue", r.backlog);
+        println!(
+            "  backlog:            {} requests queued in another queue",
+            r.backlog
+        );
     }
     if let (Some(e), Some(d)) = (r.enqueue_only_per_s, r.claim_complete_only_per_s) {
         println!("  enqueue only:       {e:.0} requests/s");

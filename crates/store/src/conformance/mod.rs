@@ -144,6 +144,7 @@ macro_rules! conformance_suite {
                 submit_then_get_returns_the_same_request,
                 idempotent_submit_with_same_key_returns_the_existing_request,
                 idempotent_submit_with_other_body_is_a_mismatch,
+                concurrent_submits_of_one_key_create_one_request,
                 idempotency_keys_are_per_tenant,
                 get_of_another_tenants_request_is_not_found,
                 get_of_unknown_id_is_not_found,

@@ -163,6 +163,51 @@ pub async fn idempotent_submit_with_same_key_returns_the_existing_request(store:
     }
 }
 
+/// Many submits of one key at once (group-committed together, or racing
+/// each other): exactly one request is created, every other submit replays
+/// it, and one with another body is refused.
+pub async fn concurrent_submits_of_one_key_create_one_request(store: &dyn Store) {
+    let t0 = base();
+    let calls = (0..12).map(|i| {
+        let hash = if i == 7 { "hash-other" } else { "hash-1" };
+        submit_raw(
+            store,
+            new_request("q-idem-race"),
+            Some(("key-race", hash)),
+            at(t0, i),
+        )
+    });
+    let results = futures::future::join_all(calls).await;
+    let mut created = Vec::new();
+    let mut replayed = Vec::new();
+    let mut refused = 0;
+    for r in results {
+        match r {
+            Ok(Submitted::Created(r)) => created.push(r.id),
+            Ok(Submitted::Replayed(r)) => replayed.push(r.id),
+            Err(StoreError::IdempotencyMismatch) => refused += 1,
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    // The odd body is refused unless it came first; then it is the one created
+    // and the others mismatch it.
+    assert_eq!(created.len(), 1, "one request is created: {created:?}");
+    assert!(replayed.iter().all(|id| *id == created[0]), "{replayed:?}");
+    assert!(refused == 1 || refused == 11, "refused {refused}");
+    let all = store
+        .request_list(ListParams {
+            queue: Some("q-idem-race".into()),
+            limit: 20,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(
+        all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [created[0].as_str()]
+    );
+}
+
 /// The same key with another body hash is refused and stores nothing.
 pub async fn idempotent_submit_with_other_body_is_a_mismatch(store: &dyn Store) {
     let t0 = base();
