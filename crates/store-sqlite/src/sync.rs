@@ -21,9 +21,19 @@
 //! [`CHECKPOINT_EVERY`]. SQLite fsyncs the WAL before a checkpoint copies it
 //! and the database after, so a checkpoint never moves data that is not on
 //! disk yet. An idle store gets no nudges and its checkpointer sleeps.
+//!
+//! A checkpoint running beside the writer can never catch up with it under
+//! steady load (the writer adds frames while it copies), and SQLite starts
+//! the WAL over only once every frame is copied — so after each of its
+//! checkpoints the checkpointer raises a flag, and the writer, between two
+//! batches, runs a `PASSIVE` checkpoint itself: it copies only what was
+//! committed meanwhile, and the writer's next transaction can then start the
+//! WAL from the beginning (truncated to `journal_size_limit`). Without this
+//! the WAL grew by ~60 MB/s under the echo benchmark.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use coatcheck_store::StoreError;
@@ -45,15 +55,14 @@ pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_mill
 
 /// Starts the syncer for the WAL file at `wal`, and the checkpointer on
 /// `checkpoints` (a connection of its own to the same database).
-pub fn spawn(
-    wal: PathBuf,
-    checkpoints: rusqlite::Connection,
-) -> std::io::Result<(mpsc::Sender<SyncJob>, JoinHandle<()>)> {
+pub fn spawn(wal: PathBuf, checkpoints: rusqlite::Connection) -> std::io::Result<Syncer> {
     let (tx, rx) = mpsc::channel();
     let (kick_tx, kick_rx) = mpsc::sync_channel::<()>(1);
+    let catch_up = Arc::new(AtomicBool::new(false));
+    let flag = catch_up.clone();
     let checkpointer = std::thread::Builder::new()
         .name("coatcheck-sqlite-checkpointer".into())
-        .spawn(move || checkpoint_loop(&checkpoints, kick_rx))?;
+        .spawn(move || checkpoint_loop(&checkpoints, kick_rx, &flag))?;
     let handle = std::thread::Builder::new()
         .name("coatcheck-sqlite-syncer".into())
         .spawn(move || {
@@ -61,13 +70,29 @@ pub fn spawn(
             drop(kick_tx);
             let _ = checkpointer.join();
         })?;
-    Ok((tx, handle))
+    Ok(Syncer {
+        jobs: tx,
+        thread: handle,
+        catch_up,
+    })
 }
 
-fn checkpoint_loop(conn: &rusqlite::Connection, kicks: mpsc::Receiver<()>) {
+/// The running syncer (and checkpointer), as the writer sees it.
+pub struct Syncer {
+    /// Where the writer sends the answers of each commit.
+    pub jobs: mpsc::Sender<SyncJob>,
+    /// Ends after every job was answered.
+    pub thread: JoinHandle<()>,
+    /// Raised after each checkpoint: the writer should run a short one of
+    /// its own between batches (see the module docs).
+    pub catch_up: Arc<AtomicBool>,
+}
+
+fn checkpoint_loop(conn: &rusqlite::Connection, kicks: mpsc::Receiver<()>, catch_up: &AtomicBool) {
     while kicks.recv().is_ok() {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "checkpoint failed; the next one retries");
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => catch_up.store(true, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "checkpoint failed; the next one retries"),
         }
         std::thread::sleep(CHECKPOINT_EVERY);
     }

@@ -33,6 +33,9 @@ use crate::sync::{Answer, SyncJob};
 /// The most commands one transaction takes.
 pub const MAX_BATCH: usize = 512;
 
+/// Bytes the WAL file is cut back to when it starts over.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 /// A write command.
@@ -163,17 +166,28 @@ pub fn run(
     conn: Connection,
     rx: mpsc::Receiver<Cmd>,
     retry: RetryPolicy,
-    (sync_tx, syncer): (mpsc::Sender<SyncJob>, std::thread::JoinHandle<()>),
+    syncer: crate::sync::Syncer,
     waker: std::sync::Arc<std::sync::OnceLock<QueueWaker>>,
 ) {
     // The commit only writes the WAL; the syncer makes it durable.
     if let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
         tracing::error!(error = %e, "cannot set synchronous=NORMAL on the writer; commits will fsync themselves");
     }
-    // Checkpoints run on the checkpointer's connection, not in our commits.
-    if let Err(e) = conn.pragma_update(None, "wal_autocheckpoint", 0) {
-        tracing::error!(error = %e, "cannot turn off automatic checkpoints on the writer");
+    // Checkpoints run on the checkpointer's connection, not in our commits;
+    // a WAL that grew large is cut back when it starts over.
+    for (pragma, value) in [
+        ("wal_autocheckpoint", 0),
+        ("journal_size_limit", WAL_SIZE_LIMIT),
+    ] {
+        if let Err(e) = conn.pragma_update(None, pragma, value) {
+            tracing::error!(error = %e, pragma, "cannot set a pragma on the writer");
+        }
     }
+    let crate::sync::Syncer {
+        jobs: sync_tx,
+        thread: syncer,
+        catch_up,
+    } = syncer;
     let hot = match sql::Hot::prepare(&conn) {
         Ok(hot) => hot,
         Err(e) => {
@@ -206,6 +220,16 @@ pub fn run(
             }
         }
         w.apply_batch(batch);
+        if catch_up.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            // Copies what was committed since the checkpointer's run, so the
+            // next transaction can start the WAL over (see `sync.rs`).
+            if let Err(e) = w
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            {
+                tracing::debug!(error = %e, "catch-up checkpoint skipped");
+            }
+        }
     }
     // Every answer still waiting for an fsync is sent before the writer ends.
     drop(w);
