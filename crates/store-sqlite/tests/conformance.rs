@@ -42,74 +42,21 @@ async fn a_secret_survives_a_reopen() {
 /// of WAL frames — left a WAL of that size.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_stays_bounded_under_steady_writes() {
-    use coatcheck_core::rules::NewRequest;
-    use coatcheck_core::{Clock, SystemClock};
-    use coatcheck_store::{ClaimParams, SettleParams, Settlement, Store, SubmitParams};
+    use coatcheck_store::conformance::workload::echo_rounds;
+    use coatcheck_store::Store;
     use serde_json::value::RawValue;
 
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SqliteStore::open(dir.path(), StoreOptions::default()).expect("open");
     let wal = dir.path().join("coatcheck.db-wal");
-    let clock = SystemClock;
     let body = "x".repeat(8192);
+    let input = |_| RawValue::from_string(format!(r#"{{"body":"{body}"}}"#)).expect("json");
     let (rounds, per_round) = (400, 16);
     let mut largest = 0u64;
-    for _ in 0..rounds {
-        let submits = (0..per_round).map(|_| {
-            let input = RawValue::from_string(format!(r#"{{"body":"{body}"}}"#)).expect("json");
-            store.request_submit(SubmitParams {
-                new: NewRequest {
-                    id: coatcheck_core::model::new_request_id(),
-                    tenant: "t".into(),
-                    queue: "wal".into(),
-                    input,
-                    correlation_id: None,
-                    priority: 0,
-                    delay: None,
-                    timeout: None,
-                    max_attempts: 3,
-                    reply_to: None,
-                    metadata: Default::default(),
-                    fallback_queue: None,
-                    fallback_of: None,
-                    fairness_key: None,
-                },
-                idempotency: None,
-                now: clock.now(),
-            })
-        });
-        futures::future::try_join_all(submits)
-            .await
-            .expect("submit");
-        let claimed = store
-            .request_claim(ClaimParams {
-                queue: "wal".into(),
-                worker_id: "w".into(),
-                max: per_round as u32,
-                lease: std::time::Duration::from_secs(30),
-                fairness: Default::default(),
-                now: clock.now(),
-            })
-            .await
-            .expect("claim");
-        let items = claimed
-            .into_iter()
-            .map(|r| SettleParams {
-                id: r.id.clone(),
-                queue: None,
-                lease_token: r.lease.expect("leased").token,
-                settlement: Settlement::Complete { output: r.input },
-            })
-            .collect();
-        for res in store
-            .request_settle_many(items, clock.now())
-            .await
-            .expect("settle")
-        {
-            res.expect("completed");
-        }
+    echo_rounds(&store, "wal", rounds, per_round, input, || {
         largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
-    }
+    })
+    .await;
     let db = std::fs::metadata(dir.path().join("coatcheck.db"))
         .expect("db")
         .len();

@@ -56,6 +56,7 @@ pub mod stats;
 pub mod submit;
 mod support;
 pub mod webhook;
+pub mod workload;
 
 /// The tenant [`new_request`] submits as.
 pub const TENANT: &str = "t1";
