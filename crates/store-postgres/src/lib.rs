@@ -58,6 +58,10 @@ pub mod migrate;
 mod read;
 mod sql;
 pub mod testing;
+
+/// The batched update of request rows, for tests that check its plan.
+#[doc(hidden)]
+pub const UPDATE_REQUESTS_SQL: &str = sql::UPDATE_REQUESTS;
 mod tx;
 mod write;
 

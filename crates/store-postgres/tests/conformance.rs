@@ -413,3 +413,47 @@ mod shared {
         store.store_close().await;
     }
 }
+
+/// The generic plan PostgreSQL keeps for a prepared statement must not scan
+/// the whole table just because the table was small when it was planned:
+/// on a fresh, empty schema, the batched row update still finds its rows by
+/// the primary key. (Without `enable_seqscan=off` on the store's
+/// connections, this plan is a sequential scan that tests every row.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batched_update_uses_the_primary_key_even_on_an_empty_table() {
+    let schema = TestSchema::create().await;
+    let store = PgStore::open(&schema.url(), StoreOptions::default())
+        .await
+        .expect("open the store");
+    let (client, conn) = store
+        .options()
+        .pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+        .batch_execute("SET plan_cache_mode = force_generic_plan")
+        .await
+        .expect("generic plans");
+    let params = (1..=18).map(|_| "NULL").collect::<Vec<_>>().join(", ");
+    client
+        .batch_execute(&format!(
+            "PREPARE u AS {}",
+            coatcheck_store_postgres::UPDATE_REQUESTS_SQL
+        ))
+        .await
+        .expect("prepare");
+    let plan: Vec<String> = client
+        .query(&format!("EXPLAIN EXECUTE u({params})"), &[])
+        .await
+        .expect("explain")
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan on requests"), "{plan}");
+    assert!(plan.contains("requests_pkey"), "{plan}");
+    drop(client);
+    coatcheck_store::Store::store_close(&store).await;
+}
