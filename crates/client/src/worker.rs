@@ -61,9 +61,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-/// From this concurrency on, a worker keeps two claims in flight.
-const CLAIM_LANES_FROM: usize = 4;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -74,6 +71,9 @@ use crate::client::{check_queue, Client};
 use crate::error::{Error, Result};
 use job::JobShared;
 use settle::{Outcome, Settler};
+
+/// From this concurrency on, a worker keeps two claims in flight.
+const CLAIM_LANES_FROM: usize = 4;
 
 /// How long undelivered outcomes are retried after the grace period.
 const FINAL_SETTLE: Duration = Duration::from_secs(10);

@@ -14,19 +14,14 @@ use std::sync::{Arc, Mutex};
 use coatcheck_core::Request;
 use tokio::sync::watch;
 
-/// What a key's channel carries: a change counter and, for a request key,
-/// the request as that change left it (so a waiter need not read it back).
-#[derive(Debug, Default, Clone)]
-struct Version {
-    n: u64,
-    request: Option<Arc<Request>>,
-}
+/// What a key's channel carries (every send wakes its subscribers): for a
+/// request key, the request as the latest change left it, when the change
+/// came with it — so a waiter need not read it back.
+type Carried = Option<Arc<Request>>;
 
-impl Version {
-    fn bump(&mut self) {
-        self.n = self.n.wrapping_add(1);
-        self.request = None;
-    }
+/// A change that came without the request.
+fn bare(v: &mut Carried) {
+    *v = None;
 }
 
 /// What a waiter waits on.
@@ -43,14 +38,14 @@ pub enum Key {
 /// The in-process hub.
 #[derive(Debug, Default, Clone)]
 pub struct Notifier {
-    keys: Arc<Mutex<HashMap<Key, watch::Sender<Version>>>>,
+    keys: Arc<Mutex<HashMap<Key, watch::Sender<Carried>>>>,
 }
 
 /// A subscription; wait on it with [`Subscription::changed`].
 #[derive(Debug)]
 pub struct Subscription {
     key: Key,
-    rx: Option<watch::Receiver<Version>>,
+    rx: Option<watch::Receiver<Carried>>,
     hub: Notifier,
 }
 
@@ -68,7 +63,7 @@ impl Subscription {
     /// The request as the latest notification of this key left it, if the
     /// notification carried it (see [`Notifier::notify_request`]).
     pub fn latest(&self) -> Option<Arc<Request>> {
-        self.rx.as_ref().and_then(|rx| rx.borrow().request.clone())
+        self.rx.as_ref().and_then(|rx| rx.borrow().clone())
     }
 }
 
@@ -96,7 +91,7 @@ impl Notifier {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let rx = keys
             .entry(key.clone())
-            .or_insert_with(|| watch::channel(Version::default()).0)
+            .or_insert_with(|| watch::channel(None).0)
             .subscribe();
         Subscription {
             key,
@@ -109,7 +104,7 @@ impl Notifier {
     pub fn notify(&self, key: &Key) {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = keys.get(key) {
-            tx.send_modify(Version::bump);
+            tx.send_modify(bare);
         }
     }
 
@@ -122,14 +117,12 @@ impl Notifier {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = keys.get(&key) {
             tx.send_if_modified(|v| {
-                if v.request
-                    .as_ref()
+                if v.as_ref()
                     .is_some_and(|newer| newer.history_seq > req.history_seq)
                 {
                     return false;
                 }
-                v.n = v.n.wrapping_add(1);
-                v.request = Some(Arc::new(req.clone()));
+                *v = Some(Arc::new(req.clone()));
                 true
             });
         }
@@ -141,7 +134,7 @@ impl Notifier {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         for (key, tx) in keys.iter() {
             if matches!(key, Key::Queue(_)) {
-                tx.send_modify(Version::bump);
+                tx.send_modify(bare);
             }
         }
     }
@@ -151,7 +144,7 @@ impl Notifier {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         for (key, tx) in keys.iter() {
             if matches!(key, Key::Channel(..)) {
-                tx.send_modify(Version::bump);
+                tx.send_modify(bare);
             }
         }
     }
@@ -160,7 +153,7 @@ impl Notifier {
     pub fn notify_all(&self) {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         for tx in keys.values() {
-            tx.send_modify(Version::bump);
+            tx.send_modify(bare);
         }
     }
 

@@ -136,8 +136,9 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel();
         let retry = opts.retry;
         let checkpoints = connect(&db).map_err(|e| io_err(&dir, e))?;
-        let syncer =
-            sync::spawn(dir.join("coatcheck.db-wal"), checkpoints).map_err(|e| io_err(&dir, e))?;
+        let mut wal = db.clone().into_os_string();
+        wal.push("-wal");
+        let syncer = sync::spawn(wal.into(), checkpoints).map_err(|e| io_err(&dir, e))?;
         let waker: Arc<OnceLock<QueueWaker>> = Arc::default();
         let w = waker.clone();
         let writer = std::thread::Builder::new()

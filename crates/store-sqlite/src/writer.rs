@@ -1,8 +1,9 @@
 //! The single writer: one thread owns the only write connection and
 //! **group-commits**. It blocks for the first command, drains every command
 //! already waiting (up to [`MAX_BATCH`]), applies them all in one
-//! transaction (each inside its own savepoint, so one failing command cannot
-//! harm the others) and commits once. Under load the batch grows by itself,
+//! transaction (a command refused by the rules writes nothing; one that fails
+//! after writing makes the batch start over with a savepoint per command, so
+//! one failing command cannot harm the others) and commits once. Under load the batch grows by itself,
 //! so the cost of the commit is shared by everyone who arrived meanwhile.
 //!
 //! **The fsync is pipelined** ([`crate::sync`]): the commit itself writes the
@@ -98,9 +99,7 @@ impl Cmd {
 }
 
 /// An answer held back until the commit: called with the commit's error, if any.
-type Pending = Answer;
-
-fn pending<T: Send + 'static>(tx: Reply<T>, res: Result<T>) -> Pending {
+fn pending<T: Send + 'static>(tx: Reply<T>, res: Result<T>) -> Answer {
     Box::new(move |commit_err| {
         let res = match commit_err {
             Some(e) => Err(e.clone()),
@@ -127,7 +126,7 @@ enum Out {
 }
 
 /// Pairs a command's reply channel with what it produced.
-fn answer(cmd: Cmd, res: Result<Out>) -> Pending {
+fn answer(cmd: Cmd, res: Result<Out>) -> Answer {
     macro_rules! give {
         ($tx:expr, $pat:pat => $v:expr) => {
             pending(
@@ -208,7 +207,6 @@ pub fn run(
         sync: sync_tx,
         waker,
         claimable: Default::default(),
-        torn: Default::default(),
     };
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
@@ -247,9 +245,6 @@ struct Writer<'c> {
     waker: std::sync::Arc<std::sync::OnceLock<QueueWaker>>,
     /// Queues that got claimable work in the batch being applied.
     claimable: std::cell::RefCell<Vec<String>>,
-    /// Set when an unguarded command failed after writing: the batch must
-    /// start over with savepoints.
-    torn: std::cell::Cell<bool>,
     /// Per queue: the priority level and fairness key served last, and how
     /// many of its weight it has used this turn.
     cursors: std::cell::RefCell<std::collections::HashMap<String, (i64, String, u32)>>,
@@ -275,7 +270,7 @@ impl Writer<'_> {
         for cmd in &batch {
             let before = self.conn.total_changes();
             let res = self.exec(cmd, false);
-            if self.torn.take() || (res.is_err() && self.conn.total_changes() != before) {
+            if res.is_err() && self.conn.total_changes() != before {
                 torn = true;
                 break;
             }
@@ -300,8 +295,8 @@ impl Writer<'_> {
                 results.push(self.exec_in_savepoint(cmd));
             }
         }
-        let mut now: Vec<Pending> = Vec::new();
-        let mut gated: Vec<Pending> = Vec::with_capacity(batch.len());
+        let mut now: Vec<Answer> = Vec::new();
+        let mut gated: Vec<Answer> = Vec::with_capacity(batch.len());
         for (cmd, res) in batch.into_iter().zip(results) {
             if cmd.gated() {
                 gated.push(answer(cmd, res));
@@ -361,7 +356,7 @@ impl Writer<'_> {
 
     /// Applies one command. `guarded`: inside a savepoint, so a settlement
     /// batch may undo a failed item with a savepoint of its own; otherwise
-    /// an item that fails after writing sets [`Writer::torn`].
+    /// an item that fails after writing fails the whole call.
     fn exec(&self, cmd: &Cmd, guarded: bool) -> Result<Out> {
         Ok(match cmd {
             Cmd::Submit(p, _) => {
@@ -639,7 +634,8 @@ impl Writer<'_> {
                 let before = self.conn.total_changes();
                 let res = self.settle(item.clone(), now);
                 if res.is_err() && self.conn.total_changes() != before {
-                    self.torn.set(true);
+                    // Half-written: failing the whole call makes the batch
+                    // start over with savepoints (see `apply_batch`).
                     return Err(StoreError::Internal("a settlement failed half-way".into()));
                 }
                 out.push(res);
