@@ -85,7 +85,10 @@ impl SubmitBuilder {
                 fairness_key: None,
             },
             input_error,
-            idempotency_key: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered (UUIDv7), so that the store's unique index on
+            // keys grows at its right edge instead of at a random page per
+            // submit: fewer pages written per commit, on both stores.
+            idempotency_key: uuid::Uuid::now_v7().to_string(),
             prefer_wait: None,
         }
     }

@@ -110,6 +110,22 @@ struct Wake {
     p99_ms: f64,
 }
 
+/// Where a sequential round trip's time goes (p50 of each stage), from the
+/// client's wall clock and the server's history timestamps: meaningful only
+/// when both run on one machine (not with `--url` to another host).
+#[derive(Debug, Serialize)]
+struct Stages {
+    n: usize,
+    /// Client sends the submit → the server stamps it stored.
+    sent_to_stored_p50_ms: f64,
+    /// Stored → a worker's claim is stamped (the wake time).
+    stored_to_claimed_p50_ms: f64,
+    /// Claimed → the completion is stamped (the worker's side).
+    claimed_to_completed_p50_ms: f64,
+    /// Completion stamped → the reply reaches the client (fsync included).
+    completed_to_received_p50_ms: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     reply_mode: ReplyMode,
@@ -121,6 +137,7 @@ struct Report {
     throughput_replies_per_s: f64,
     latency: Latency,
     wake: Option<Wake>,
+    stages: Option<Stages>,
     enqueue_only_per_s: Option<f64>,
     claim_complete_only_per_s: Option<f64>,
 }
@@ -450,27 +467,70 @@ async fn drained(client: &Client, queue: &str, n: u64) -> anyhow::Result<()> {
 /// How many of the sequential requests' histories the wake time is read from.
 const WAKE_SAMPLE: usize = 500;
 
-async fn wake_times(client: &Client, ids: &[String]) -> anyhow::Result<Option<Wake>> {
+/// One sequential round trip as the client saw it: its id, and the wall
+/// clock when the submit was sent and when the reply arrived.
+struct Trip {
+    id: String,
+    sent: chrono::DateTime<chrono::Utc>,
+    received: chrono::DateTime<chrono::Utc>,
+}
+
+/// Reads the sampled trips' histories: the wake time (submitted → claimed)
+/// and where each round trip's time went, stage by stage.
+async fn wake_times(
+    client: &Client,
+    trips: &[Trip],
+) -> anyhow::Result<(Option<Wake>, Option<Stages>)> {
     use coatcheck_core::EventKind;
-    let mut waits = Vec::with_capacity(ids.len());
-    for id in ids {
-        let events = client.history(id).await?;
+    let mut waits = Vec::with_capacity(trips.len());
+    let mut stages: [Vec<Duration>; 4] = Default::default();
+    for t in trips {
+        let events = client.history(&t.id).await?;
         let at = |pick: fn(&EventKind) -> bool| events.iter().find(|e| pick(&e.kind)).map(|e| e.at);
         let submitted = at(|k| matches!(k, EventKind::Submitted { .. }));
         let claimed = at(|k| matches!(k, EventKind::Claimed { .. }));
+        let succeeded = at(|k| matches!(k, EventKind::Succeeded { .. }));
+        let span = |a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>| {
+            (b - a).to_std().unwrap_or_default()
+        };
         if let (Some(s), Some(c)) = (submitted, claimed) {
-            waits.push((c - s).to_std().unwrap_or_default());
+            waits.push(span(s, c));
+            if let Some(d) = succeeded {
+                for (v, d) in stages.iter_mut().zip([
+                    span(t.sent, s),
+                    span(s, c),
+                    span(c, d),
+                    span(d, t.received),
+                ]) {
+                    v.push(d);
+                }
+            }
         }
     }
     if waits.is_empty() {
-        return Ok(None);
+        return Ok((None, None));
     }
     waits.sort();
-    Ok(Some(Wake {
+    let wake = Wake {
         n: waits.len(),
         p50_ms: percentile(&waits, 0.50),
         p99_ms: percentile(&waits, 0.99),
-    }))
+    };
+    if stages[0].is_empty() {
+        return Ok((Some(wake), None));
+    }
+    let [a, b, c, d] = stages.map(|mut v| {
+        v.sort();
+        percentile(&v, 0.50)
+    });
+    let stages = Stages {
+        n: waits.len(),
+        sent_to_stored_p50_ms: a,
+        stored_to_claimed_p50_ms: b,
+        claimed_to_completed_p50_ms: c,
+        completed_to_received_p50_ms: d,
+    };
+    Ok((Some(wake), Some(stages)))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -571,16 +631,19 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
     eprintln!("latency: {} sequential requests", a.latency_n);
     let progress = Progress::new("latency", a.latency_n);
     let mut lat = Vec::with_capacity(a.latency_n);
-    let mut ids = Vec::with_capacity(a.latency_n);
+    let mut trips = Vec::with_capacity(a.latency_n);
     for k in 0..a.latency_n {
         let i = a.warmup + a.n + k;
-        let t = Instant::now();
-        ids.push(round_trip(&client, &queue, a.mode, i, inbox.as_ref()).await?);
+        let (t, sent) = (Instant::now(), chrono::Utc::now());
+        let id = round_trip(&client, &queue, a.mode, i, inbox.as_ref()).await?;
         lat.push(t.elapsed());
+        let received = chrono::Utc::now();
+        trips.push(Trip { id, sent, received });
         progress.tick();
     }
     lat.sort();
-    let wake = wake_times(&client, &ids[ids.len().saturating_sub(WAKE_SAMPLE)..]).await?;
+    let (wake, stages) =
+        wake_times(&client, &trips[trips.len().saturating_sub(WAKE_SAMPLE)..]).await?;
     Ok(Report {
         reply_mode: a.mode,
         store,
@@ -596,6 +659,7 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
             max_ms: lat.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
         },
         wake,
+        stages,
         enqueue_only_per_s: enqueue_rate,
         claim_complete_only_per_s: drain_rate,
     })
@@ -631,6 +695,15 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         println!(
             "  enqueue→claim:      p50 {:.2} ms  p99 {:.2} ms  (server clock, from {} histories)",
             w.p50_ms, w.p99_ms, w.n
+        );
+    }
+    if let (Some(s), None) = (&r.stages, &r.store.strip_prefix("running server")) {
+        println!(
+            "  stages (p50):       sent→stored {:.2}  stored→claimed {:.2}  claimed→completed {:.2}  completed→received {:.2} ms",
+            s.sent_to_stored_p50_ms,
+            s.stored_to_claimed_p50_ms,
+            s.claimed_to_completed_p50_ms,
+            s.completed_to_received_p50_ms
         );
     }
     if r.backlog > 0 {
