@@ -169,36 +169,32 @@ impl Engine {
         self.store.request_get(r).await
     }
 
-    /// Waits up to `wait` until `done(request)` holds, then answers the
-    /// request as it is (at once on shutdown).
-    pub async fn wait_until(
-        &self,
-        r: RequestRef,
-        wait: Duration,
-        done: impl Fn(&Request) -> bool,
-    ) -> Result<Request> {
-        let sub = self.notifier.subscribe(Key::Request(r.id.clone()));
-        self.wait_subscribed(sub, r, None, wait, done).await
+    /// Waits up to `wait` until the request finished (a terminal status),
+    /// then answers it as it is (at once on shutdown).
+    pub async fn wait_finished(&self, r: RequestRef, wait: Duration) -> Result<Request> {
+        let sub = self.subscribe_finished(&r.id);
+        self.wait_subscribed(sub, r, None, wait).await
     }
 
-    /// Subscribes to a request's changes; with [`Engine::wait_subscribed`],
-    /// a caller that subscribes *before* it makes the request (a submit with
-    /// `Prefer: wait`) needs no read to start waiting.
-    pub fn subscribe_request(&self, id: &str) -> crate::notify::Subscription {
-        self.notifier.subscribe(Key::Request(id.to_string()))
+    /// Subscribes to a request's end; with [`Engine::wait_subscribed`], a
+    /// caller that subscribes *before* it makes the request (a submit with
+    /// `Prefer: wait`) needs no read to start waiting. Only changes that
+    /// may have finished it wake the subscription.
+    pub fn subscribe_finished(&self, id: &str) -> crate::notify::Subscription {
+        self.notifier.subscribe(Key::Finished(id.to_string()))
     }
 
-    /// [`Engine::wait_until`] on a subscription made earlier; `known` is the
-    /// request as the caller last saw it *after* subscribing (none: read it).
-    /// A wake-up that carries the request answers without reading it back.
+    /// [`Engine::wait_finished`] on a subscription made earlier; `known` is
+    /// the request as the caller last saw it *after* subscribing (none: read
+    /// it). A wake-up that carries the request answers without reading it back.
     pub async fn wait_subscribed(
         &self,
         mut sub: crate::notify::Subscription,
         r: RequestRef,
         mut known: Option<Request>,
         wait: Duration,
-        done: impl Fn(&Request) -> bool,
     ) -> Result<Request> {
+        let done = |r: &Request| r.status.is_terminal();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let req = match known.take() {

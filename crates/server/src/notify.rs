@@ -31,6 +31,10 @@ pub enum Key {
     Queue(String),
     /// This request changed.
     Request(String),
+    /// This request may have finished (reached a terminal status): what
+    /// long-polls and `Prefer: wait` wait on, so the changes before the end
+    /// (a claim, a heartbeat) do not wake them for nothing.
+    Finished(String),
     /// A message may be receivable on this channel of this tenant.
     Channel(String, String),
 }
@@ -100,31 +104,45 @@ impl Notifier {
         }
     }
 
-    /// Wakes every subscriber of a key.
+    /// Wakes every subscriber of a key. A change of a request that came
+    /// without it (from another node, say) may have finished it, so it
+    /// also wakes those waiting for it to finish.
     pub fn notify(&self, key: &Key) {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = keys.get(key) {
             tx.send_modify(bare);
         }
+        if let Key::Request(id) = key {
+            if let Some(tx) = keys.get(&Key::Finished(id.clone())) {
+                tx.send_modify(bare);
+            }
+        }
     }
 
-    /// Wakes every subscriber of this request's key, handing them the
-    /// request as it is now (copied only if someone is waiting). Changes
-    /// can be reported out of order (two tasks finishing at once): an older
-    /// state never replaces a newer one that was already handed over.
+    /// Wakes every subscriber of this request's key — and, if it finished,
+    /// of its [`Key::Finished`] — handing them the request as it is now
+    /// (copied only if someone is waiting). Changes can be reported out of
+    /// order (two tasks finishing at once): an older state never replaces
+    /// a newer one that was already handed over.
     pub fn notify_request(&self, req: &Request) {
-        let key = Key::Request(req.id.clone());
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = keys.get(&key) {
-            tx.send_if_modified(|v| {
-                if v.as_ref()
-                    .is_some_and(|newer| newer.history_seq > req.history_seq)
-                {
-                    return false;
-                }
-                *v = Some(Arc::new(req.clone()));
-                true
-            });
+        let mut copy: Option<Arc<Request>> = None;
+        let mut hand_over = |key: Key| {
+            if let Some(tx) = keys.get(&key) {
+                tx.send_if_modified(|v| {
+                    if v.as_ref()
+                        .is_some_and(|newer| newer.history_seq > req.history_seq)
+                    {
+                        return false;
+                    }
+                    *v = Some(copy.get_or_insert_with(|| Arc::new(req.clone())).clone());
+                    true
+                });
+            }
+        };
+        hand_over(Key::Request(req.id.clone()));
+        if req.status.is_terminal() {
+            hand_over(Key::Finished(req.id.clone()));
         }
     }
 
@@ -179,6 +197,45 @@ mod tests {
         let mut sub = hub.subscribe(Key::Request("a".into()));
         hub.notify(&Key::Request("a".into()));
         tokio::time::timeout(Duration::from_secs(1), sub.changed())
+            .await
+            .unwrap();
+    }
+
+    /// A waiter for the end sleeps through a claim and wakes, with the
+    /// request, when it finishes; a bare change of the request (from
+    /// another node) wakes it too, since it may have been the end.
+    #[tokio::test]
+    async fn finish_waiters_wake_only_when_it_may_have_finished() {
+        use coatcheck_core::Status;
+        let hub = Notifier::new();
+        let mut req: Request = serde_json::from_value(serde_json::json!({
+            "id": "r1", "tenant": "t", "queue": "q", "status": "running",
+            "priority": 0, "attempts": 1, "max_attempts": 3, "cancel_requested": false,
+            "input": {}, "fairness_key": "", "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z", "history_seq": 2
+        }))
+        .expect("a request");
+        let mut end = hub.subscribe(Key::Finished("r1".into()));
+        let mut every = hub.subscribe(Key::Request("r1".into()));
+        hub.notify_request(&req);
+        tokio::time::timeout(Duration::from_secs(1), every.changed())
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), end.changed())
+                .await
+                .is_err(),
+            "a running request did not finish"
+        );
+        req.status = Status::Succeeded;
+        req.history_seq = 3;
+        hub.notify_request(&req);
+        tokio::time::timeout(Duration::from_secs(1), end.changed())
+            .await
+            .unwrap();
+        assert_eq!(end.latest().map(|r| r.status), Some(Status::Succeeded));
+        hub.notify(&Key::Request("r1".into()));
+        tokio::time::timeout(Duration::from_secs(1), end.changed())
             .await
             .unwrap();
     }

@@ -28,11 +28,18 @@ pub fn select_by_id() -> String {
 /// The statements every transition runs, prepared once and kept by their
 /// owner (the writer), so no execution pays a statement-cache lookup (which
 /// hashes the whole SQL text, twice) or a bind by name.
+///
+/// It also keeps the unfinished requests it wrote last ([`Recent`]): the
+/// writer is the only connection that changes `requests`, so the copy it
+/// wrote is the row, and a claim or settlement of a request submitted or
+/// claimed moments ago needs no `SELECT` and no decoding of the row. Any
+/// rollback must call [`Hot::forget`].
 pub struct Hot<'c> {
     load: std::cell::RefCell<rusqlite::Statement<'c>>,
     insert: std::cell::RefCell<rusqlite::Statement<'c>>,
     update: std::cell::RefCell<rusqlite::Statement<'c>>,
     history: std::cell::RefCell<rusqlite::Statement<'c>>,
+    recent: std::cell::RefCell<Recent>,
 }
 
 impl<'c> Hot<'c> {
@@ -43,27 +50,98 @@ impl<'c> Hot<'c> {
             insert: conn.prepare(INSERT)?.into(),
             update: conn.prepare(UPDATE)?.into(),
             history: conn.prepare(INSERT_HISTORY)?.into(),
+            recent: Default::default(),
         })
     }
 
     /// Loads one request by id.
     pub fn load(&self, id: &str) -> Result<Option<Request>> {
+        if let Some(req) = self.recent.borrow().get(id) {
+            return Ok(Some(req.clone()));
+        }
         load_with(&mut self.load.borrow_mut(), id)
     }
 
     /// Inserts a new request.
     pub fn insert(&self, req: &Request, idem: Option<(&str, &str)>) -> Result<()> {
-        insert_with(&mut self.insert.borrow_mut(), req, idem)
+        insert_with(&mut self.insert.borrow_mut(), req, idem)?;
+        self.recent.borrow_mut().wrote(req);
+        Ok(())
     }
 
     /// Writes back everything a transition may have changed.
     pub fn update(&self, req: &Request) -> Result<()> {
-        update_with(&mut self.update.borrow_mut(), req)
+        if let Err(e) = update_with(&mut self.update.borrow_mut(), req) {
+            self.recent.borrow_mut().remove(&req.id);
+            return Err(e);
+        }
+        self.recent.borrow_mut().wrote(req);
+        Ok(())
     }
 
     /// Appends history events.
     pub fn insert_history(&self, id: &str, events: &[HistoryEvent]) -> Result<()> {
         insert_history_with(&mut self.history.borrow_mut(), id, events)
+    }
+
+    /// Drops every kept copy: the transaction (or part of it) that wrote
+    /// them was rolled back.
+    pub fn forget(&self) {
+        self.recent.borrow_mut().clear();
+    }
+}
+
+/// The unfinished requests the writer wrote last, by id, as written: at
+/// most [`Recent::CAP`], the oldest written dropped first. A finished
+/// request is dropped at once (it is rarely written again).
+#[derive(Default)]
+pub struct Recent {
+    by_id: std::collections::HashMap<String, Request>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Recent {
+    /// Enough for every request in flight under heavy load; ~1 KiB each.
+    pub const CAP: usize = 4096;
+
+    fn get(&self, id: &str) -> Option<&Request> {
+        self.by_id.get(id)
+    }
+
+    fn wrote(&mut self, req: &Request) {
+        if req.status.is_terminal() {
+            self.remove(&req.id);
+            return;
+        }
+        if let Some(kept) = self.by_id.get_mut(&req.id) {
+            kept.clone_from(req);
+            return;
+        }
+        self.by_id.insert(req.id.clone(), req.clone());
+        self.order.push_back(req.id.clone());
+        while self.by_id.len() > Self::CAP {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.by_id.remove(&old);
+                }
+                None => break,
+            }
+        }
+        // Ids of requests already dropped stay in `order` until they reach
+        // its front; keep it from growing past twice the cap meanwhile.
+        if self.order.len() > 2 * Self::CAP {
+            let by_id = &self.by_id;
+            self.order.retain(|id| by_id.contains_key(id));
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.by_id.remove(id);
+    }
+
+    fn clear(&mut self) {
+        self.by_id.clear();
+        self.order.clear();
     }
 }
 

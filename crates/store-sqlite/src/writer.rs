@@ -280,6 +280,7 @@ impl Writer<'_> {
             results.clear();
             self.claimable.borrow_mut().clear();
             *self.cursors.borrow_mut() = cursors;
+            self.hot.forget();
             let restart = self
                 .conn
                 .exec("ROLLBACK")
@@ -306,6 +307,7 @@ impl Writer<'_> {
         }
         let woken = std::mem::take(&mut *self.claimable.borrow_mut());
         if let Err(e) = self.conn.exec("COMMIT").map_err(sql::classify) {
+            self.hot.forget();
             let _ = self.conn.exec("ROLLBACK");
             for a in now.into_iter().chain(gated) {
                 a(Some(&e));
@@ -346,6 +348,7 @@ impl Writer<'_> {
         let rollback = if res.is_ok() {
             Ok(())
         } else {
+            self.hot.forget();
             self.conn.exec("ROLLBACK TO cmd")
         };
         if let Err(e) = rollback.and_then(|()| self.conn.exec("RELEASE cmd")) {
@@ -626,6 +629,7 @@ impl Writer<'_> {
                 self.conn.exec("SAVEPOINT item").map_err(sql::classify)?;
                 let res = self.settle(item.clone(), now);
                 if res.is_err() {
+                    self.hot.forget();
                     self.conn.exec("ROLLBACK TO item").map_err(sql::classify)?;
                 }
                 self.conn.exec("RELEASE item").map_err(sql::classify)?;

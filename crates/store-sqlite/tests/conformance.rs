@@ -69,3 +69,97 @@ async fn the_wal_stays_bounded_under_steady_writes() {
     );
     store.store_close().await;
 }
+
+/// The writer keeps the unfinished requests it wrote last, so a claim or a
+/// settlement need not read them back. A change that is rolled back must
+/// not survive in that copy: here a heartbeat's progress is written and
+/// then refused (a trigger fails its history row), and the next write to
+/// the request must start from what is stored, without that progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_rolled_back_is_not_remembered_by_the_writer() {
+    let now = chrono::Utc::now;
+    use coatcheck_store::conformance::new_request;
+    use coatcheck_store::{
+        ClaimParams, FairnessRules, HeartbeatParams, RequestRef, SettleParams, Settlement, Store,
+        SubmitParams,
+    };
+    use serde_json::value::RawValue;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path(), StoreOptions::default()).expect("open");
+    let new = new_request("recent");
+    let id = new.id.clone();
+    store
+        .request_submit(SubmitParams {
+            new,
+            idempotency: None,
+            now: now(),
+        })
+        .await
+        .expect("submit");
+    let claimed = store
+        .request_claim(ClaimParams {
+            queue: "recent".into(),
+            worker_id: "w".into(),
+            max: 1,
+            lease: Duration::from_secs(60),
+            fairness: Arc::new(FairnessRules::default()),
+            now: now(),
+        })
+        .await
+        .expect("claim");
+    let token = claimed[0].lease.as_ref().expect("leased").token.clone();
+
+    let side =
+        rusqlite::Connection::open(dir.path().join("coatcheck.db")).expect("side connection");
+    side.execute_batch(
+        "CREATE TRIGGER refuse_progress BEFORE INSERT ON history \
+         WHEN json_extract(NEW.event, '$.kind') = 'progress' \
+         BEGIN SELECT RAISE(ABORT, 'progress refused'); END;",
+    )
+    .expect("trigger");
+    let beat = |progress: Option<&str>| HeartbeatParams {
+        id: id.clone(),
+        lease_token: token.clone(),
+        progress: progress.map(|p| RawValue::from_string(p.into()).expect("json")),
+        extend: None,
+        now: now(),
+    };
+    store
+        .lease_heartbeat(beat(Some(r#"{"step":1}"#)))
+        .await
+        .expect_err("the history row is refused, so the heartbeat fails");
+    side.execute_batch("DROP TRIGGER refuse_progress")
+        .expect("drop trigger");
+
+    let stored = store
+        .request_get(RequestRef::any(id.clone()))
+        .await
+        .expect("get");
+    assert!(stored.progress.is_none(), "nothing of it was stored");
+    let again = store.lease_heartbeat(beat(None)).await.expect("heartbeat");
+    assert!(
+        again.request.progress.is_none(),
+        "the next write starts from the stored row, not the rolled-back one: {:?}",
+        again.request.progress
+    );
+    assert_eq!(again.request.history_seq, stored.history_seq);
+    let done = store
+        .request_settle_many(
+            vec![SettleParams {
+                id: id.clone(),
+                queue: None,
+                lease_token: token.clone(),
+                settlement: Settlement::Complete {
+                    output: RawValue::from_string("1".into()).expect("json"),
+                },
+            }],
+            now(),
+        )
+        .await
+        .expect("settle");
+    let done = done.into_iter().next().expect("one").expect("settled");
+    assert!(done.request.progress.is_none());
+    store.store_close().await;
+}

@@ -238,7 +238,7 @@ pub async fn submit(
     });
     // Waiting: subscribe before the request exists, so no change can slip
     // between the submit and the wait, and the wait starts without a read.
-    let early = wait.map(|_| engine.subscribe_request(&new.id));
+    let early = wait.map(|_| engine.subscribe_finished(&new.id));
     let submitted = engine
         .submit(SubmitParams {
             new,
@@ -258,16 +258,11 @@ pub async fn submit(
             id: req.id.clone(),
             tenant: Some(caller.tenant.clone()),
         };
-        let terminal = |r: &Request| r.status.is_terminal();
         req = match early {
             // A new request: the subscription predates it.
-            Some(sub) if !replayed => {
-                engine
-                    .wait_subscribed(sub, r, Some(req), d, terminal)
-                    .await?
-            }
+            Some(sub) if !replayed => engine.wait_subscribed(sub, r, Some(req), d).await?,
             // A replay is an older request: wait on it from a fresh read.
-            _ => engine.wait_until(r, d, terminal).await?,
+            _ => engine.wait_finished(r, d).await?,
         };
         // The wait actually honoured (clamped to the server's cap).
         applied = Some(d.as_secs());
@@ -353,9 +348,7 @@ pub async fn status(
     } else {
         Some(engine.stream_permit(&caller)?)
     };
-    let req = engine
-        .wait_until(r, wait, |r| r.status.is_terminal())
-        .await?;
+    let req = engine.wait_finished(r, wait).await?;
     Ok(request_response(req))
 }
 
