@@ -99,9 +99,7 @@ pub struct Syncer {
 fn checkpoint_loop(conn: &rusqlite::Connection, kicks: mpsc::Receiver<()>, catch_up: &AtomicBool) {
     while kicks.recv().is_ok() {
         // Its row: (busy, frames in the WAL, frames copied).
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            r.get::<_, i64>(1)
-        }) {
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
             Ok(frames) if frames >= CATCH_UP_FRAMES => catch_up.store(true, Ordering::Relaxed),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "checkpoint failed; the next one retries"),

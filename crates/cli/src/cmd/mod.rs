@@ -57,15 +57,6 @@ where
     block_on(tokio::runtime::Builder::new_current_thread(), f)
 }
 
-/// Like [`client_main`] on a multi-threaded runtime (bench, worker).
-pub fn multi_thread_main<F, Fut>(f: F) -> i32
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = anyhow::Result<i32>>,
-{
-    block_on(tokio::runtime::Builder::new_multi_thread(), f)
-}
-
 fn block_on<F, Fut>(mut builder: tokio::runtime::Builder, f: F) -> i32
 where
     F: FnOnce() -> Fut,

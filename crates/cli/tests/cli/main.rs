@@ -1,6 +1,7 @@
 //! Tests of the `coatcheck` binary as users and operators run it: real
 //! processes, real signals, real HTTP.
 
+mod bench;
 mod commands;
 mod crash;
 mod multinode;
