@@ -138,6 +138,8 @@ struct Report {
     latency: Latency,
     wake: Option<Wake>,
     stages: Option<Stages>,
+    /// The same breakdown for a sample of the throughput phase.
+    stages_under_load: Option<Stages>,
     enqueue_only_per_s: Option<f64>,
     claim_complete_only_per_s: Option<f64>,
 }
@@ -406,24 +408,36 @@ async fn windowed(
     window: usize,
     inbox: Option<&Inbox>,
     progress: Option<Arc<Progress>>,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, Vec<Trip>)> {
+    // Every `every`-th round trip is timed for the stage breakdown.
+    let every = (n / WAKE_SAMPLE).max(1);
     let start = Instant::now();
     let mut inflight = FuturesUnordered::new();
+    let mut trips = Vec::with_capacity(n / every + 1);
     let mut next = first;
     while next < first + n || !inflight.is_empty() {
         while next < first + n && inflight.len() < window {
             let i = next;
-            inflight.push(async move { round_trip(client, queue, mode, i, inbox).await });
+            inflight.push(async move {
+                let sent = chrono::Utc::now();
+                let id = round_trip(client, queue, mode, i, inbox).await?;
+                let trip = ((i - first) % every == 0).then(|| Trip {
+                    id,
+                    sent,
+                    received: chrono::Utc::now(),
+                });
+                anyhow::Ok(trip)
+            });
             next += 1;
         }
         if let Some(res) = inflight.next().await {
-            res?;
+            trips.extend(res?);
             if let Some(p) = &progress {
                 p.tick();
             }
         }
     }
-    Ok(start.elapsed())
+    Ok((start.elapsed(), trips))
 }
 
 async fn enqueue_only(
@@ -616,7 +630,7 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
         a.n, a.window, a.mode
     );
     let progress = Progress::new("throughput", a.n);
-    let took = windowed(
+    let (took, loaded) = windowed(
         &client,
         &queue,
         a.mode,
@@ -644,6 +658,7 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
     lat.sort();
     let (wake, stages) =
         wake_times(&client, &trips[trips.len().saturating_sub(WAKE_SAMPLE)..]).await?;
+    let (_, stages_under_load) = wake_times(&client, &loaded).await?;
     Ok(Report {
         reply_mode: a.mode,
         store,
@@ -660,6 +675,7 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
         },
         wake,
         stages,
+        stages_under_load,
         enqueue_only_per_s: enqueue_rate,
         claim_complete_only_per_s: drain_rate,
     })
@@ -697,14 +713,21 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
             w.p50_ms, w.p99_ms, w.n
         );
     }
-    if let (Some(s), None) = (&r.stages, &r.store.strip_prefix("running server")) {
-        println!(
-            "  stages (p50):       sent→stored {:.2}  stored→claimed {:.2}  claimed→completed {:.2}  completed→received {:.2} ms",
-            s.sent_to_stored_p50_ms,
-            s.stored_to_claimed_p50_ms,
-            s.claimed_to_completed_p50_ms,
-            s.completed_to_received_p50_ms
-        );
+    if !r.store.starts_with("running server") {
+        for (name, s) in [
+            ("stages (p50):", &r.stages),
+            ("under load (p50):", &r.stages_under_load),
+        ] {
+            if let Some(s) = s {
+                println!(
+                    "  {name:<20}sent→stored {:.2}  stored→claimed {:.2}  claimed→completed {:.2}  completed→received {:.2} ms",
+                    s.sent_to_stored_p50_ms,
+                    s.stored_to_claimed_p50_ms,
+                    s.claimed_to_completed_p50_ms,
+                    s.completed_to_received_p50_ms
+                );
+            }
+        }
     }
     if r.backlog > 0 {
         println!(
