@@ -421,7 +421,7 @@ async fn windowed(
             inflight.push(async move {
                 let sent = chrono::Utc::now();
                 let id = round_trip(client, queue, mode, i, inbox).await?;
-                let trip = ((i - first) % every == 0).then(|| Trip {
+                let trip = (i - first).is_multiple_of(every).then(|| Trip {
                     id,
                     sent,
                     received: chrono::Utc::now(),
