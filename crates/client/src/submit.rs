@@ -2,8 +2,9 @@
 //! `POST /v1/queues/{queue}/requests`) and what comes back, [`Submitted`].
 //!
 //! Key decisions:
-//! - **Every submit carries an `Idempotency-Key`**: a UUID v4 generated when
-//!   the builder is made (or one you set). The HTTP request is built once and
+//! - **Every submit carries an `Idempotency-Key`**: a UUIDv7 (time-ordered,
+//!   so the server's key index grows at one end) generated when the builder
+//!   is made (or one you set). The HTTP request is built once and
 //!   cloned for each transport retry, so a submit whose answer was lost and
 //!   that is sent again is recognised by the server as the same one: a retried
 //!   submit never creates a second request.

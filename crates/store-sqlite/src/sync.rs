@@ -56,10 +56,10 @@ pub struct SyncJob {
 pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// WAL frames (pages) after which the writer runs its catch-up checkpoint,
-/// so the WAL can start over (~16 MiB). The catch-up fsyncs on the writer's
+/// so the WAL can start over (~8 MiB). The catch-up fsyncs on the writer's
 /// thread, so it runs only when the WAL got this long, not after every
 /// checkpoint.
-pub const CATCH_UP_FRAMES: i64 = 4096;
+pub const CATCH_UP_FRAMES: i64 = 2048;
 
 /// Starts the syncer for the WAL file at `wal`, and the checkpointer on
 /// `checkpoints` (a connection of its own to the same database).
