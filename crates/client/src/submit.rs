@@ -277,7 +277,7 @@ mod tests {
     fn idempotency_key_is_stable_across_builds() {
         let b = client().submit("thumbs", &serde_json::json!({"url": "x"}));
         let key = b.key().to_string();
-        assert!(uuid::Uuid::parse_str(&key).is_ok_and(|u| u.get_version_num() == 4));
+        assert!(uuid::Uuid::parse_str(&key).is_ok_and(|u| u.get_version_num() == 7));
         let first = b.build().unwrap();
         let second = b.build().unwrap();
         assert_eq!(header(&first, "idempotency-key"), Some(key.as_str()));
@@ -289,9 +289,11 @@ mod tests {
             retry.body().unwrap().as_bytes(),
             first.body().unwrap().as_bytes()
         );
-        // Two submits get two keys.
+        // Two submits get two keys, the later one sorting after: the
+        // server's key index grows at one end.
         let other = client().submit("thumbs", &1);
         assert_ne!(other.key(), key);
+        assert!(other.key() > key.as_str());
     }
 
     #[test]
