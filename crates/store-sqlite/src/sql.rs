@@ -92,56 +92,71 @@ impl<'c> Hot<'c> {
 }
 
 /// The unfinished requests the writer wrote last, by id, as written: at
-/// most [`Recent::CAP`], the oldest written dropped first. A finished
-/// request is dropped at once (it is rarely written again).
+/// most [`Recent::CAP`] of them and [`Recent::BUDGET`] bytes of payloads,
+/// the oldest written dropped first. A finished request is dropped at once
+/// (it is rarely written again), and one with large payloads is not kept.
 #[derive(Default)]
 pub struct Recent {
     by_id: std::collections::HashMap<String, Request>,
     order: std::collections::VecDeque<String>,
+    bytes: usize,
 }
 
 impl Recent {
-    /// Enough for every request in flight under heavy load; ~1 KiB each.
+    /// Enough for every request in flight under heavy load.
     pub const CAP: usize = 4096;
+    /// At most this many bytes of kept requests (payloads and a fixed
+    /// allowance for the rest), so large inputs cannot grow the writer's
+    /// memory: 4096 echo-sized requests fit.
+    pub const BUDGET: usize = 8 * 1024 * 1024;
+    /// A request larger than this is never kept.
+    pub const LARGEST: usize = 64 * 1024;
+
+    fn size(req: &Request) -> usize {
+        let raw = |v: &Option<Box<RawValue>>| v.as_ref().map_or(0, |v| v.get().len());
+        1024 + req.input.get().len() + raw(&req.output) + raw(&req.progress)
+    }
 
     fn get(&self, id: &str) -> Option<&Request> {
         self.by_id.get(id)
     }
 
     fn wrote(&mut self, req: &Request) {
-        if req.status.is_terminal() {
-            self.remove(&req.id);
-            return;
-        }
-        if let Some(kept) = self.by_id.get_mut(&req.id) {
-            kept.clone_from(req);
+        self.remove(&req.id);
+        let size = Self::size(req);
+        if req.status.is_terminal() || size > Self::LARGEST {
             return;
         }
         self.by_id.insert(req.id.clone(), req.clone());
+        self.bytes += size;
         self.order.push_back(req.id.clone());
-        while self.by_id.len() > Self::CAP {
+        while self.by_id.len() > Self::CAP || self.bytes > Self::BUDGET {
             match self.order.pop_front() {
-                Some(old) => {
-                    self.by_id.remove(&old);
-                }
+                Some(old) => self.remove(&old),
                 None => break,
             }
         }
-        // Ids of requests already dropped stay in `order` until they reach
-        // its front; keep it from growing past twice the cap meanwhile.
+        // Ids written again or dropped stay in `order` until they reach its
+        // front (dropping the newer copy early: only a miss); keep it from
+        // growing past twice the cap meanwhile.
         if self.order.len() > 2 * Self::CAP {
             let by_id = &self.by_id;
-            self.order.retain(|id| by_id.contains_key(id));
+            let mut seen = std::collections::HashSet::new();
+            self.order
+                .retain(|id| by_id.contains_key(id) && seen.insert(id.clone()));
         }
     }
 
     fn remove(&mut self, id: &str) {
-        self.by_id.remove(id);
+        if let Some(old) = self.by_id.remove(id) {
+            self.bytes -= Self::size(&old);
+        }
     }
 
     fn clear(&mut self) {
         self.by_id.clear();
         self.order.clear();
+        self.bytes = 0;
     }
 }
 
@@ -575,3 +590,51 @@ pub const DELETE_HISTORY: &str = "DELETE FROM history WHERE request_id = ?1";
 
 pub const DELETE_SETTLED_WEBHOOKS: &str =
     "DELETE FROM webhook_deliveries WHERE request_id = ?1 AND state <> 'pending'";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: &str, input: &str) -> Request {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "tenant": "t", "queue": "q", "status": "queued",
+            "priority": 0, "attempts": 0, "max_attempts": 3, "cancel_requested": false,
+            "input": serde_json::from_str::<serde_json::Value>(input).unwrap(),
+            "fairness_key": "", "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z", "history_seq": 1
+        }))
+        .expect("a request")
+    }
+
+    #[test]
+    fn recent_requests_stay_within_count_and_bytes() {
+        let mut r = Recent::default();
+        for i in 0..Recent::CAP + 10 {
+            r.wrote(&request(&format!("r{i}"), "1"));
+        }
+        assert_eq!(r.by_id.len(), Recent::CAP);
+        assert!(r.get("r0").is_none() && r.get(&format!("r{}", Recent::CAP + 9)).is_some());
+
+        // Payloads count: a few hundred 32 KiB inputs fill the budget.
+        let big = format!("\"{}\"", "x".repeat(32 * 1024));
+        for i in 0..1000 {
+            r.wrote(&request(&format!("b{i}"), &big));
+        }
+        assert!(r.bytes <= Recent::BUDGET, "{} bytes kept", r.bytes);
+        assert!(r.get("b999").is_some());
+        // Too large to keep at all; finished ones are dropped.
+        let huge = format!("\"{}\"", "x".repeat(Recent::LARGEST));
+        r.wrote(&request("h", &huge));
+        assert!(r.get("h").is_none());
+        let mut done = request("b999", &big);
+        done.status = Status::Succeeded;
+        r.wrote(&done);
+        assert!(r.get("b999").is_none());
+        // The byte count is exact: dropping all leaves nothing.
+        let ids: Vec<String> = r.by_id.keys().cloned().collect();
+        for id in ids {
+            r.remove(&id);
+        }
+        assert_eq!(r.bytes, 0);
+    }
+}
