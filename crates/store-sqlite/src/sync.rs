@@ -24,9 +24,9 @@
 //!
 //! A checkpoint running beside the writer can never catch up with it under
 //! steady load (the writer adds frames while it copies), and SQLite starts
-//! the WAL over only once every frame is copied — so after each of its
-//! checkpoints the checkpointer raises a flag, and the writer, between two
-//! batches, runs a `PASSIVE` checkpoint itself: it copies only what was
+//! the WAL over only once every frame is copied — so once a checkpoint finds
+//! [`CATCH_UP_FRAMES`] in the WAL the checkpointer raises a flag, and the
+//! writer, between two batches, runs a `PASSIVE` checkpoint itself: it copies only what was
 //! committed meanwhile, and the writer's next transaction can then start the
 //! WAL from the beginning (truncated to `journal_size_limit`). Without this
 //! the WAL grew by ~60 MB/s under the echo benchmark.
@@ -91,8 +91,8 @@ pub struct Syncer {
     pub jobs: mpsc::Sender<SyncJob>,
     /// Ends after every job was answered.
     pub thread: JoinHandle<()>,
-    /// Raised after each checkpoint: the writer should run a short one of
-    /// its own between batches (see the module docs).
+    /// Raised by a checkpoint that found the WAL long: the writer should run
+    /// a short one of its own between batches (see the module docs).
     pub catch_up: Arc<AtomicBool>,
 }
 
