@@ -122,23 +122,29 @@ impl Recent {
     }
 
     fn wrote(&mut self, req: &Request) {
-        self.remove(&req.id);
         let size = Self::size(req);
         if req.status.is_terminal() || size > Self::LARGEST {
+            self.remove(&req.id);
             return;
         }
-        self.by_id.insert(req.id.clone(), req.clone());
-        self.bytes += size;
-        self.order.push_back(req.id.clone());
+        if let Some(kept) = self.by_id.get_mut(&req.id) {
+            // Written again (a claim): updated in place, keeping its turn.
+            self.bytes = self.bytes - Self::size(kept) + size;
+            kept.clone_from(req);
+        } else {
+            self.by_id.insert(req.id.clone(), req.clone());
+            self.bytes += size;
+            self.order.push_back(req.id.clone());
+        }
         while self.by_id.len() > Self::CAP || self.bytes > Self::BUDGET {
             match self.order.pop_front() {
                 Some(old) => self.remove(&old),
                 None => break,
             }
         }
-        // Ids written again or dropped stay in `order` until they reach its
-        // front (dropping the newer copy early: only a miss); keep it from
-        // growing past twice the cap meanwhile.
+        // Ids of dropped requests stay in `order` until they reach its front
+        // (one dropped and kept again may then be dropped early: only a
+        // miss); keep it from growing past twice the cap meanwhile.
         if self.order.len() > 2 * Self::CAP {
             let by_id = &self.by_id;
             let mut seen = std::collections::HashSet::new();
@@ -609,6 +615,13 @@ mod tests {
     #[test]
     fn recent_requests_stay_within_count_and_bytes() {
         let mut r = Recent::default();
+        // Written again (claimed): one entry, its bytes those of the latest.
+        r.wrote(&request("again", "1"));
+        let longer = request("again", r#"{"more": "input"}"#);
+        r.wrote(&longer);
+        assert_eq!((r.by_id.len(), r.order.len()), (1, 1));
+        assert_eq!(r.bytes, Recent::size(&longer));
+        r.remove("again");
         for i in 0..Recent::CAP + 10 {
             r.wrote(&request(&format!("r{i}"), "1"));
         }
