@@ -8,8 +8,8 @@ use std::time::Duration;
 use coatcheck_core::rules::CancelOutcome;
 use coatcheck_core::{Clock, HistoryEvent, ReplyTo, Request, Status, Ts};
 use coatcheck_store::{
-    Changed, ClaimParams, HeartbeatParams, ListParams, RemoteChange, RequestRef, Result,
-    SettleParams, Settlement, Store, StoreError, SubmitParams, Submitted,
+    Changed, ClaimParams, HeartbeatParams, ListParams, ParkedClaim, RemoteChange, RequestRef,
+    Result, SettleParams, Settlement, Store, StoreError, SubmitParams, Submitted,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -260,30 +260,25 @@ impl Engine {
     ) -> Result<Vec<Request>> {
         let mut sub = self.notifier.subscribe(Key::Queue(queue.to_string()));
         let deadline = tokio::time::Instant::now() + wait;
+        let params = |now| ClaimParams {
+            fairness: self.config.fairness.clone(),
+            queue: queue.to_string(),
+            worker_id: worker_id.to_string(),
+            max,
+            lease,
+            now,
+        };
+        if !wait.is_zero() && !self.shutdown.is_cancelled() {
+            if let Some(parked) = self.store.request_claim_parked(params(self.now())) {
+                let got = self.wait_parked(parked, &mut sub, deadline).await?;
+                self.claimed(queue, &got);
+                return Ok(got);
+            }
+        }
         loop {
-            let now = self.now();
-            let p = ClaimParams {
-                fairness: self.config.fairness.clone(),
-                queue: queue.to_string(),
-                worker_id: worker_id.to_string(),
-                max,
-                lease,
-                now,
-            };
-            let got = self.store.request_claim(p).await?;
+            let got = self.store.request_claim(params(self.now())).await?;
             if !got.is_empty() {
-                self.metrics.claimed(queue, got.len() as u64, now);
-                if let Some(first) = got
-                    .iter()
-                    .filter_map(|r| r.lease.as_ref())
-                    .map(|l| l.expires_at)
-                    .min()
-                {
-                    self.timers.reaper.hint(first);
-                }
-                for r in &got {
-                    self.notifier.notify_request(r);
-                }
+                self.claimed(queue, &got);
                 return Ok(got);
             }
             if wait.is_zero()
@@ -297,6 +292,50 @@ impl Engine {
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = self.shutdown.cancelled() => return Ok(Vec::new()),
             }
+        }
+    }
+
+    /// Waits for a claim parked in the store: it is answered when work is
+    /// handed to it. Wake-ups the store may not see itself (a delayed
+    /// request came due) are passed on as pokes; at the deadline (or
+    /// shutdown) it is unparked and answered with what it got by then.
+    async fn wait_parked(
+        &self,
+        parked: ParkedClaim,
+        sub: &mut crate::notify::Subscription,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<Request>> {
+        let ParkedClaim { mut answer, handle } = parked;
+        let closed = |_| StoreError::Unavailable("the store is closed".into());
+        loop {
+            tokio::select! {
+                biased;
+                got = &mut answer => return got.map_err(closed)?,
+                _ = sub.changed() => handle.poke(self.now()),
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.shutdown.cancelled() => break,
+            }
+        }
+        handle.unpark();
+        answer.await.map_err(closed)?
+    }
+
+    /// Metrics, timers and waiters for requests just claimed.
+    fn claimed(&self, queue: &str, got: &[Request]) {
+        if got.is_empty() {
+            return;
+        }
+        self.metrics.claimed(queue, got.len() as u64, self.now());
+        if let Some(first) = got
+            .iter()
+            .filter_map(|r| r.lease.as_ref())
+            .map(|l| l.expires_at)
+            .min()
+        {
+            self.timers.reaper.hint(first);
+        }
+        for r in got {
+            self.notifier.notify_request(r);
         }
     }
 

@@ -30,9 +30,9 @@ use coatcheck_core::rules::CancelOutcome;
 use coatcheck_core::wire::ChannelMessage;
 use coatcheck_core::{HistoryEvent, Request, Ts};
 use coatcheck_store::{
-    Changed, ChannelReceiveParams, ClaimParams, DueTimes, HeartbeatParams, ListParams, QueueCounts,
-    QueueWaker, RequestRef, Result, SettleParams, Store, StoreError, StoreOptions, SubmitParams,
-    Submitted, WebhookDelivery, WebhookOutcome,
+    Changed, ChannelReceiveParams, ClaimParams, DueTimes, HeartbeatParams, ListParams, ParkHandle,
+    ParkedClaim, QueueCounts, QueueWaker, RequestRef, Result, SettleParams, Store, StoreError,
+    StoreOptions, SubmitParams, Submitted, WebhookDelivery, WebhookOutcome,
 };
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -61,7 +61,9 @@ pub enum OpenError {
 /// The embedded store.
 pub struct SqliteStore {
     dir: PathBuf,
-    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
+    tx: Arc<Mutex<Option<mpsc::Sender<Cmd>>>>,
+    /// Ids of parked claims.
+    next_park: std::sync::atomic::AtomicU64,
     writer: Mutex<Option<JoinHandle<()>>>,
     reads: ReadPool,
     waker: Arc<OnceLock<QueueWaker>>,
@@ -148,7 +150,8 @@ impl SqliteStore {
         Ok(SqliteStore {
             reads: ReadPool::new(db),
             dir,
-            tx: Mutex::new(Some(tx)),
+            tx: Arc::new(Mutex::new(Some(tx))),
+            next_park: Default::default(),
             writer: Mutex::new(Some(writer)),
             waker,
             _lock: lock,
@@ -168,6 +171,34 @@ impl SqliteStore {
             sender.send(make(tx)).map_err(|_| closed())?;
         }
         rx.await.map_err(|_| closed())?
+    }
+}
+
+/// A parked claim's way to the writer; it does not keep a closed store's
+/// writer alive.
+struct Park {
+    id: u64,
+    queue: String,
+    writer: std::sync::Weak<Mutex<Option<mpsc::Sender<Cmd>>>>,
+}
+
+impl Park {
+    fn send(&self, cmd: Cmd) {
+        if let Some(tx) = self.writer.upgrade() {
+            if let Some(sender) = tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                let _ = sender.send(cmd);
+            }
+        }
+    }
+}
+
+impl ParkHandle for Park {
+    fn poke(&self, now: Ts) {
+        self.send(Cmd::Poke(self.queue.clone(), now));
+    }
+
+    fn unpark(&self) {
+        self.send(Cmd::Unpark(self.queue.clone(), self.id));
     }
 }
 
@@ -244,6 +275,25 @@ impl Store for SqliteStore {
 
     async fn request_claim(&self, p: ClaimParams) -> Result<Vec<Request>> {
         self.write(|tx| Cmd::Claim(p, tx)).await
+    }
+
+    fn request_claim_parked(&self, p: ClaimParams) -> Option<ParkedClaim> {
+        let id = self
+            .next_park
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let park = Park {
+            id,
+            queue: p.queue.clone(),
+            writer: Arc::downgrade(&self.tx),
+        };
+        let (tx, answer) = oneshot::channel();
+        // If the store is closed the sender is dropped here, and the answer
+        // reports that.
+        park.send(Cmd::ClaimParked(p, tx, id));
+        Some(ParkedClaim {
+            answer,
+            handle: Box::new(park),
+        })
     }
 
     async fn request_get(&self, r: RequestRef) -> Result<Request> {

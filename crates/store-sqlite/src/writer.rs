@@ -13,6 +13,7 @@
 //! must be durable first). So the writer applies batch N+1 while batch N is
 //! being flushed, and no acknowledgement ever leaves before its fsync.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
 
 use coatcheck_core::clock::to_micros;
@@ -43,6 +44,13 @@ type Reply<T> = oneshot::Sender<Result<T>>;
 pub enum Cmd {
     Submit(Box<SubmitParams>, Reply<Submitted>),
     Claim(ClaimParams, Reply<Vec<Request>>),
+    /// A claim that, finding nothing, stays parked under this id until the
+    /// writer hands it work or it is unparked (`Store::request_claim_parked`).
+    ClaimParked(ClaimParams, Reply<Vec<Request>>, u64),
+    /// Look again at the parked claims of a queue, at this time.
+    Poke(String, Ts),
+    /// Answer the parked claim with this id (of this queue) at once.
+    Unpark(String, u64),
     Heartbeat(HeartbeatParams, Reply<Changed>),
     Settle(Vec<SettleParams>, Ts, Reply<Vec<Result<Changed>>>),
     Cancel(RequestRef, Ts, Reply<(CancelOutcome, Changed)>),
@@ -142,7 +150,8 @@ fn answer(cmd: Cmd, res: Result<Out>) -> Answer {
     }
     match cmd {
         Cmd::Submit(_, tx) => give!(tx, Out::Submitted(s) => s),
-        Cmd::Claim(_, tx) => give!(tx, Out::Requests(r) => r),
+        Cmd::Claim(_, tx) | Cmd::ClaimParked(_, tx, _) => give!(tx, Out::Requests(r) => r),
+        Cmd::Poke(..) | Cmd::Unpark(..) => Box::new(|_| {}),
         Cmd::Heartbeat(_, tx) => give!(tx, Out::Changed(c) => c),
         Cmd::Settle(_, _, tx) => give!(tx, Out::Settled(s) => s),
         Cmd::Cancel(_, _, tx) => give!(tx, Out::Cancelled(o, c) => (o, c)),
@@ -207,6 +216,9 @@ pub fn run(
         sync: sync_tx,
         waker,
         claimable: Default::default(),
+        parked: Default::default(),
+        recheck: Default::default(),
+        batch_now: Default::default(),
     };
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
@@ -234,6 +246,13 @@ pub fn run(
     let _ = syncer.join();
 }
 
+/// A claim waiting in the writer for work.
+struct Parked {
+    id: u64,
+    p: ClaimParams,
+    tx: Reply<Vec<Request>>,
+}
+
 struct Writer<'c> {
     conn: &'c Connection,
     /// The statements of every transition, prepared once.
@@ -245,6 +264,15 @@ struct Writer<'c> {
     waker: std::sync::Arc<std::sync::OnceLock<QueueWaker>>,
     /// Queues that got claimable work in the batch being applied.
     claimable: std::cell::RefCell<Vec<String>>,
+    /// Claims waiting for work, per queue, oldest first: the batch that
+    /// makes work claimable hands it to them before its commit.
+    parked: std::cell::RefCell<HashMap<String, VecDeque<Parked>>>,
+    /// Queues with parked claims that the batch may have given work other
+    /// than by a submit (a retry, a redrive, a requeued lease, a freed
+    /// fairness slot) or that a poke asks to look at again.
+    recheck: std::cell::RefCell<Vec<String>>,
+    /// The latest `now` of the batch's commands: when parked claims get work.
+    batch_now: std::cell::Cell<Option<Ts>>,
     /// Per queue: the priority level and fairness key served last, and how
     /// many of its weight it has used this turn.
     cursors: std::cell::RefCell<std::collections::HashMap<String, (i64, String, u32)>>,
@@ -253,10 +281,9 @@ struct Writer<'c> {
 impl Writer<'_> {
     fn apply_batch(&self, batch: Vec<Cmd>) {
         let durable = batch.iter().any(Cmd::must_be_durable);
+        self.batch_now.set(None);
         if let Err(e) = self.conn.exec("BEGIN IMMEDIATE").map_err(sql::classify) {
-            for cmd in batch {
-                answer(cmd, Err(e.clone()))(None);
-            }
+            self.refuse(batch, &e);
             return;
         }
         // Fast path: no savepoints. A command the rules refuse has written
@@ -279,6 +306,7 @@ impl Writer<'_> {
         if torn {
             results.clear();
             self.claimable.borrow_mut().clear();
+            self.recheck.borrow_mut().clear();
             *self.cursors.borrow_mut() = cursors;
             self.hot.forget();
             let restart = self
@@ -287,9 +315,7 @@ impl Writer<'_> {
                 .and_then(|()| self.conn.exec("BEGIN IMMEDIATE"))
                 .map_err(sql::classify);
             if let Err(e) = restart {
-                for cmd in batch {
-                    answer(cmd, Err(e.clone()))(None);
-                }
+                self.refuse(batch, &e);
                 return;
             }
             for cmd in &batch {
@@ -299,13 +325,18 @@ impl Writer<'_> {
         let mut now: Vec<Answer> = Vec::new();
         let mut gated: Vec<Answer> = Vec::with_capacity(batch.len());
         for (cmd, res) in batch.into_iter().zip(results) {
-            if cmd.gated() {
-                gated.push(answer(cmd, res));
-            } else {
-                now.push(answer(cmd, res));
+            match cmd {
+                Cmd::ClaimParked(p, tx, id) if matches!(&res, Ok(Out::Requests(got)) if got.is_empty()) =>
+                {
+                    self.park(p, tx, id);
+                }
+                Cmd::Unpark(queue, id) => now.extend(self.unpark(&queue, id)),
+                cmd if cmd.gated() => gated.push(answer(cmd, res)),
+                cmd => now.push(answer(cmd, res)),
             }
         }
         let woken = std::mem::take(&mut *self.claimable.borrow_mut());
+        self.hand_over(&woken, &mut now);
         if let Err(e) = self.conn.exec("COMMIT").map_err(sql::classify) {
             self.hot.forget();
             let _ = self.conn.exec("ROLLBACK");
@@ -314,18 +345,20 @@ impl Writer<'_> {
             }
             return;
         }
+        // Claims, heartbeats and sweeps promise nothing about the disk: a
+        // power cut only repeats work (a lost claim's request is claimed
+        // again). They answer at once, while the fsync is in flight — and
+        // before the wake-ups below, so a parked claim that was handed work
+        // has its answer by the time its waiter is woken.
+        for a in now {
+            a(None);
+        }
         if let Some(wake) = self.waker.get() {
             for (i, q) in woken.iter().enumerate() {
                 if !woken[..i].contains(q) {
                     wake(q);
                 }
             }
-        }
-        // Claims, heartbeats and sweeps promise nothing about the disk: a
-        // power cut only repeats work (a lost claim's request is claimed
-        // again). They answer at once, while the fsync is in flight.
-        for a in now {
-            a(None);
         }
         if !gated.is_empty() {
             let job = SyncJob {
@@ -341,20 +374,155 @@ impl Writer<'_> {
         }
     }
 
-    /// Applies one command inside a savepoint; on error its writes are undone.
-    fn exec_in_savepoint(&self, cmd: &Cmd) -> Result<Out> {
-        self.conn.exec("SAVEPOINT cmd").map_err(sql::classify)?;
-        let res = self.exec(cmd, true);
+    /// Answers a batch that could not start with `e`. An unpark still
+    /// answers its parked claim (that needs no transaction).
+    fn refuse(&self, batch: Vec<Cmd>, e: &StoreError) {
+        for cmd in batch {
+            match cmd {
+                Cmd::Unpark(queue, id) => {
+                    if let Some(a) = self.unpark(&queue, id) {
+                        a(None);
+                    }
+                }
+                cmd => answer(cmd, Err(e.clone()))(None),
+            }
+        }
+    }
+
+    /// Notes the time a command carries: parked claims handed work in this
+    /// batch are claimed at the latest one.
+    fn saw_time(&self, now: Ts) {
+        if self.batch_now.get().is_none_or(|t| t < now) {
+            self.batch_now.set(Some(now));
+        }
+    }
+
+    /// After a change to these requests: their queues may have claimable
+    /// work again (back to `queued`, or a running one gone, which may free
+    /// a fairness slot), so their parked claims look again.
+    fn may_free_work<'a>(&self, now: Ts, changed: impl Iterator<Item = &'a Changed>) {
+        let parked = self.parked.borrow();
+        if parked.is_empty() {
+            return;
+        }
+        self.saw_time(now);
+        let mut recheck = self.recheck.borrow_mut();
+        for c in changed {
+            let q = &c.request.queue;
+            if parked.contains_key(q) && !recheck.contains(q) {
+                recheck.push(q.clone());
+            }
+        }
+    }
+
+    /// A claim that found nothing waits for work (closed ones are dropped).
+    fn park(&self, p: ClaimParams, tx: Reply<Vec<Request>>, id: u64) {
+        let mut parked = self.parked.borrow_mut();
+        let waiting = parked.entry(p.queue.clone()).or_default();
+        waiting.retain(|w| !w.tx.is_closed());
+        waiting.push_back(Parked { id, p, tx });
+    }
+
+    /// The answer for a parked claim that stops waiting: empty-handed.
+    fn unpark(&self, queue: &str, id: u64) -> Option<Answer> {
+        let mut parked = self.parked.borrow_mut();
+        let waiting = parked.get_mut(queue)?;
+        let at = waiting.iter().position(|w| w.id == id)?;
+        let w = waiting.remove(at)?;
+        if waiting.is_empty() {
+            parked.remove(queue);
+        }
+        Some(pending(w.tx, Ok(Vec::new())))
+    }
+
+    /// Hands the claimable work of these queues (and of those to recheck)
+    /// to their parked claims, oldest claim first, inside the batch's
+    /// transaction; their answers join `answers`, sent at the commit.
+    fn hand_over(&self, claimable: &[String], answers: &mut Vec<Answer>) {
+        let recheck = std::mem::take(&mut *self.recheck.borrow_mut());
+        if self.parked.borrow().is_empty() {
+            return;
+        }
+        let queues = claimable.iter().chain(&recheck);
+        for (i, q) in queues.clone().enumerate() {
+            if !queues.clone().take(i).any(|seen| seen == q) {
+                self.hand_over_queue(q, answers);
+            }
+        }
+    }
+
+    fn hand_over_queue(&self, queue: &str, answers: &mut Vec<Answer>) {
+        loop {
+            let w = {
+                let mut parked = self.parked.borrow_mut();
+                let Some(waiting) = parked.get_mut(queue) else {
+                    return;
+                };
+                let Some(w) = waiting.pop_front() else {
+                    parked.remove(queue);
+                    return;
+                };
+                w
+            };
+            if w.tx.is_closed() {
+                continue; // its caller is gone
+            }
+            let mut p = w.p.clone();
+            if let Some(t) = self.batch_now.get().filter(|t| *t > p.now) {
+                p.now = t;
+            }
+            let max = p.max as usize;
+            match self.claim_guarded(p) {
+                Ok(got) if got.is_empty() => {
+                    self.parked
+                        .borrow_mut()
+                        .entry(queue.to_string())
+                        .or_default()
+                        .push_front(w);
+                    return;
+                }
+                Ok(got) => {
+                    // Fewer than asked: nothing more is claimable here now.
+                    let drained = got.len() < max;
+                    answers.push(pending(w.tx, Ok(got)));
+                    if drained {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    answers.push(pending(w.tx, Err(e)));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs `f` inside a savepoint: if it fails, its writes are undone (and
+    /// the writer forgets its copies of what it may have changed).
+    fn in_savepoint<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.conn.exec("SAVEPOINT one").map_err(sql::classify)?;
+        let res = f();
         let rollback = if res.is_ok() {
             Ok(())
         } else {
             self.hot.forget();
-            self.conn.exec("ROLLBACK TO cmd")
+            self.conn.exec("ROLLBACK TO one")
         };
-        if let Err(e) = rollback.and_then(|()| self.conn.exec("RELEASE cmd")) {
+        if let Err(e) = rollback.and_then(|()| self.conn.exec("RELEASE one")) {
             tracing::error!(error = %e, "savepoint end failed");
         }
         res
+    }
+
+    /// A claim inside a savepoint, so one that fails after writing leaves
+    /// nothing behind in the batch.
+    fn claim_guarded(&self, p: ClaimParams) -> Result<Vec<Request>> {
+        self.in_savepoint(|| self.claim(p))
+    }
+
+    /// Applies one command inside a savepoint; on error its writes are undone.
+    fn exec_in_savepoint(&self, cmd: &Cmd) -> Result<Out> {
+        self.in_savepoint(|| self.exec(cmd, true))
     }
 
     /// Applies one command. `guarded`: inside a savepoint, so a settlement
@@ -363,6 +531,7 @@ impl Writer<'_> {
     fn exec(&self, cmd: &Cmd, guarded: bool) -> Result<Out> {
         Ok(match cmd {
             Cmd::Submit(p, _) => {
+                self.saw_time(p.now);
                 let res = self.submit((**p).clone())?;
                 if let Submitted::Created(r) = &res {
                     if r.status == coatcheck_core::Status::Queued
@@ -373,17 +542,41 @@ impl Writer<'_> {
                 }
                 Out::Submitted(res)
             }
-            Cmd::Claim(p, _) => Out::Requests(self.claim(p.clone())?),
+            Cmd::Claim(p, _) | Cmd::ClaimParked(p, _, _) => {
+                self.saw_time(p.now);
+                Out::Requests(self.claim(p.clone())?)
+            }
+            Cmd::Poke(queue, now) => {
+                self.saw_time(*now);
+                self.recheck.borrow_mut().push(queue.clone());
+                Out::Unit
+            }
+            Cmd::Unpark(..) => Out::Unit,
             Cmd::Heartbeat(p, _) => Out::Changed(self.heartbeat(p.clone())?),
-            Cmd::Settle(items, now, _) => Out::Settled(self.settle_many(items, *now, guarded)?),
+            Cmd::Settle(items, now, _) => {
+                let settled = self.settle_many(items, *now, guarded)?;
+                self.may_free_work(*now, settled.iter().filter_map(|r| r.as_ref().ok()));
+                Out::Settled(settled)
+            }
             Cmd::Cancel(r, now, _) => {
                 let (outcome, changed) = self.cancel(r.clone(), *now)?;
+                self.may_free_work(*now, std::iter::once(&changed));
                 Out::Cancelled(outcome, changed)
             }
-            Cmd::Redrive(r, now, _) => Out::Changed(self.redrive(r.clone(), *now)?),
-            Cmd::ExpireLeases(now, limit, _) => Out::Changes(self.expire_leases(*now, *limit)?),
+            Cmd::Redrive(r, now, _) => {
+                let changed = self.redrive(r.clone(), *now)?;
+                self.may_free_work(*now, std::iter::once(&changed));
+                Out::Changed(changed)
+            }
+            Cmd::ExpireLeases(now, limit, _) => {
+                let changes = self.expire_leases(*now, *limit)?;
+                self.may_free_work(*now, changes.iter());
+                Out::Changes(changes)
+            }
             Cmd::ExpireDeadlines(now, limit, _) => {
-                Out::Changes(self.expire_deadlines(*now, *limit)?)
+                let changes = self.expire_deadlines(*now, *limit)?;
+                self.may_free_work(*now, changes.iter());
+                Out::Changes(changes)
             }
             Cmd::ChannelReceive(p, _) => Out::Messages(self.channel_receive(p.clone())?),
             Cmd::ChannelAck(t, c, tokens, now, _) => {

@@ -163,3 +163,31 @@ async fn a_change_rolled_back_is_not_remembered_by_the_writer() {
     assert!(done.request.progress.is_none());
     store.store_close().await;
 }
+
+/// Claims parked in the writer (`request_claim_parked`): the embedded store
+/// hands work to them in the transaction that makes it claimable.
+mod parked {
+    use coatcheck_store::conformance::{parked, run};
+
+    macro_rules! parked_cases {
+        ($($case:ident),* $(,)?) => {$(
+            #[test]
+            fn $case() {
+                run(async {
+                    let f = super::fixture().await;
+                    parked::$case(&*f.store).await;
+                    f.store.store_close().await;
+                });
+            }
+        )*};
+    }
+
+    parked_cases!(
+        a_parked_claim_is_handed_the_next_submit,
+        an_unparked_claim_answers_empty_and_takes_nothing,
+        an_abandoned_parked_claim_takes_nothing,
+        parked_claims_are_served_oldest_first,
+        a_poke_hands_over_a_delayed_request_once_due,
+        a_redriven_request_is_handed_to_a_parked_claim,
+    );
+}

@@ -538,7 +538,40 @@ pub trait Store: Send + Sync + 'static {
     fn on_claimable(&self, wake: QueueWaker) {
         let _ = wake;
     }
+
+    /// Claims like [`Store::request_claim`], but when nothing is claimable
+    /// the claim stays with the store, **parked**, and is answered by the
+    /// very transaction that makes work claimable in its queue (a submit, a
+    /// retry, a redrive, a requeued lease): the work is handed over in that
+    /// commit, with no wake-up and second claim in between. The answer
+    /// comes once, with requests — or, after [`ParkHandle::unpark`], with
+    /// whatever it got by then (possibly nothing). Dropping the answer's
+    /// receiver abandons the claim. `None`: this store cannot park (the
+    /// caller waits for wake-ups and claims again).
+    fn request_claim_parked(&self, p: ClaimParams) -> Option<ParkedClaim> {
+        let _ = p;
+        None
+    }
 }
 
 /// See [`Store::on_claimable`].
 pub type QueueWaker = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A claim parked in the store ([`Store::request_claim_parked`]).
+pub struct ParkedClaim {
+    /// The claim's one answer.
+    pub answer: tokio::sync::oneshot::Receiver<Result<Vec<Request>>>,
+    /// Tells the store about the claim while it waits.
+    pub handle: Box<dyn ParkHandle>,
+}
+
+/// What the waiting side of a parked claim can tell the store.
+pub trait ParkHandle: Send + Sync {
+    /// Look at the queue again at `now` (the caller was woken by something
+    /// the store may not see itself: a delayed request came due, the clock
+    /// moved).
+    fn poke(&self, now: Ts);
+    /// Stop waiting: answer at once with what the claim got (nothing, if it
+    /// was not handed work before this).
+    fn unpark(&self);
+}

@@ -48,6 +48,7 @@ pub mod fairness;
 pub mod history;
 pub mod lease;
 pub mod list;
+pub mod parked;
 pub mod redrive;
 pub mod retention;
 pub mod secrets;
