@@ -135,11 +135,10 @@ impl ClientBuilder {
             .tcp_nodelay(true)
             .build()?;
         let transport = Transport {
-            http,
-            base: url.as_str().trim_end_matches('/').to_string(),
             api_key: self.api_key,
             timeout: self.timeout,
             retries: self.retries,
+            ..Transport::new(http, &url)
         };
         let journal = match self.journal {
             Some(path) => Some(Arc::new(Journal::open(&path)?)),

@@ -38,8 +38,9 @@ pub(crate) enum Replay {
 #[derive(Debug, Clone)]
 pub(crate) struct Transport {
     pub http: reqwest::Client,
-    /// The base URL without a trailing slash.
-    pub base: String,
+    /// The base URL, parsed once (a path prefix, if any, without a
+    /// trailing slash).
+    pub base: reqwest::Url,
     pub api_key: Option<String>,
     pub timeout: Duration,
     pub retries: u32,
@@ -47,16 +48,34 @@ pub(crate) struct Transport {
 
 impl Transport {
     /// The URL of `segments` under the base URL, each one percent-encoded.
+    /// Only the path is built per call: the parsed base is copied, so the
+    /// host is not parsed (and IDNA-mapped) again on every call.
     pub fn url(&self, segments: &[&str]) -> Result<reqwest::Url> {
-        let mut s = self.base.clone();
+        let mut path = self.base.path().trim_end_matches('/').to_string();
         for seg in segments {
             if seg.is_empty() || *seg == "." || *seg == ".." {
                 return Err(Error::Invalid(format!("{seg:?} cannot be a path segment")));
             }
-            s.push('/');
-            encode_segment(seg, &mut s);
+            path.push('/');
+            encode_segment(seg, &mut path);
         }
-        reqwest::Url::parse(&s).map_err(|e| Error::Invalid(format!("bad URL {s:?}: {e}")))
+        let mut url = self.base.clone();
+        url.set_path(&path);
+        Ok(url)
+    }
+
+    /// A transport for the (already checked) base URL `base`.
+    pub fn new(http: reqwest::Client, base: &reqwest::Url) -> Transport {
+        let mut base = base.clone();
+        let prefix = base.path().trim_end_matches('/').to_string();
+        base.set_path(&prefix);
+        Transport {
+            http,
+            base,
+            api_key: None,
+            timeout: Duration::from_secs(30),
+            retries: 3,
+        }
     }
 
     /// A request to `url` with auth and a per-call timeout of the configured
@@ -189,11 +208,9 @@ mod tests {
 
     fn transport(base: &str) -> Transport {
         Transport {
-            http: reqwest::Client::new(),
-            base: base.trim_end_matches('/').to_string(),
-            api_key: None,
             timeout: Duration::from_secs(1),
             retries: 0,
+            ..Transport::new(reqwest::Client::new(), &reqwest::Url::parse(base).unwrap())
         }
     }
 
@@ -219,9 +236,25 @@ mod tests {
 
     #[test]
     fn keeps_a_base_path() {
-        let t = transport("https://example.com/coatcheck/");
-        let u = t.url(&["v1", "queues"]).unwrap();
-        assert_eq!(u.as_str(), "https://example.com/coatcheck/v1/queues");
+        for base in [
+            "https://example.com/coatcheck/",
+            "https://example.com/coatcheck",
+        ] {
+            let t = transport(base);
+            let u = t.url(&["v1", "queues"]).unwrap();
+            assert_eq!(u.as_str(), "https://example.com/coatcheck/v1/queues");
+            // The same transport builds every call's URL afresh from its base.
+            let u = t.url(&["v1", "requests", "r 1"]).unwrap();
+            assert_eq!(
+                u.as_str(),
+                "https://example.com/coatcheck/v1/requests/r%201"
+            );
+        }
+        let t = transport("http://[::1]:8080");
+        assert_eq!(
+            t.url(&["healthz"]).unwrap().as_str(),
+            "http://[::1]:8080/healthz"
+        );
     }
 
     #[test]
