@@ -345,6 +345,21 @@ impl Writer<'_> {
             }
             return;
         }
+        // The fsync is the long pole: the syncer gets the commit first, so
+        // it is not left waiting while the answers below wake other threads
+        // (which may take this core from the writer).
+        if !gated.is_empty() {
+            let job = SyncJob {
+                answers: gated,
+                fsync: durable,
+            };
+            if let Err(mpsc::SendError(job)) = self.sync.send(job) {
+                let e = StoreError::Unavailable("the store is closing".into());
+                for a in job.answers {
+                    a(Some(&e));
+                }
+            }
+        }
         // Claims, heartbeats and sweeps promise nothing about the disk: a
         // power cut only repeats work (a lost claim's request is claimed
         // again). They answer at once, while the fsync is in flight — and
@@ -357,18 +372,6 @@ impl Writer<'_> {
             for (i, q) in woken.iter().enumerate() {
                 if !woken[..i].contains(q) {
                     wake(q);
-                }
-            }
-        }
-        if !gated.is_empty() {
-            let job = SyncJob {
-                answers: gated,
-                fsync: durable,
-            };
-            if let Err(mpsc::SendError(job)) = self.sync.send(job) {
-                let e = StoreError::Unavailable("the store is closing".into());
-                for a in job.answers {
-                    a(Some(&e));
                 }
             }
         }
