@@ -402,7 +402,8 @@ impl Writer<'_> {
 
     /// After a change to these requests: their queues may have claimable
     /// work again (back to `queued`, or a running one gone, which may free
-    /// a fairness slot), so their parked claims look again.
+    /// a fairness slot, or a fallback request spawned), so their parked
+    /// claims look again.
     fn may_free_work<'a>(&self, now: Ts, changed: impl Iterator<Item = &'a Changed>) {
         let parked = self.parked.borrow();
         if parked.is_empty() {
@@ -410,8 +411,9 @@ impl Writer<'_> {
         }
         self.saw_time(now);
         let mut recheck = self.recheck.borrow_mut();
-        for c in changed {
-            let q = &c.request.queue;
+        // A dead letter's fallback request is new work in its own queue.
+        let queues = changed.flat_map(|c| std::iter::once(&c.request).chain(&c.spawned));
+        for q in queues.map(|r| &r.queue) {
             if parked.contains_key(q) && !recheck.contains(q) {
                 recheck.push(q.clone());
             }

@@ -189,5 +189,6 @@ mod parked {
         parked_claims_are_served_oldest_first,
         a_poke_hands_over_a_delayed_request_once_due,
         a_redriven_request_is_handed_to_a_parked_claim,
+        a_fallback_request_is_handed_to_a_parked_claim,
     );
 }

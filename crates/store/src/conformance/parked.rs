@@ -209,3 +209,32 @@ pub async fn a_redriven_request_is_handed_to_a_parked_claim(store: &dyn Store) {
     );
     assert_eq!((got[0].status, got[0].attempts), (Status::Running, 1));
 }
+
+/// A dead letter's fallback request is new work in the fallback queue: a
+/// claim parked there is handed it by the transaction that spawns it.
+pub async fn a_fallback_request_is_handed_to_a_parked_claim(store: &dyn Store) {
+    let t0 = base();
+    let mut new = new_request("q-park-primary");
+    new.max_attempts = 1;
+    new.fallback_queue = Some("q-park-fallback".into());
+    submit(store, new, t0).await;
+    let running = claim_one(store, "q-park-primary", t0).await;
+    let parked = park(store, "q-park-fallback", "w-fallback", 4, t0).await;
+    let changed = settle(
+        store,
+        &running.id,
+        &token(&running),
+        failure(false),
+        at(t0, 1),
+    )
+    .await
+    .expect("dead-lettered");
+    let spawned = changed.spawned.expect("a fallback request");
+    let got = answer(parked.answer).await.expect("claimed");
+    assert_eq!(
+        got.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [spawned.id.as_str()]
+    );
+    assert_eq!(got[0].queue, "q-park-fallback");
+    assert_eq!(got[0].status, Status::Running);
+}
