@@ -42,6 +42,16 @@ async fn settled_in(store: &dyn Store, now: Ts) {
     claim(store, "q-parked-nothing-here", "w-sync", 1, LEASE, now).await;
 }
 
+/// The one request a parked claim was handed, which must be `expected`.
+async fn handed(expected: &Request, rx: Answer) -> Request {
+    let got = answer(rx).await.expect("claimed");
+    assert_eq!(
+        got.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [expected.id.as_str()]
+    );
+    got.into_iter().next().expect("one request")
+}
+
 /// Submits to `queue` and asserts no parked claim took it.
 async fn submit_stays_queued(store: &dyn Store, queue: &str, now: Ts) -> Request {
     let r = submit_to(store, queue, now).await;
@@ -118,12 +128,8 @@ pub async fn an_abandoned_parked_claim_takes_nothing(store: &dyn Store) {
     drop(park(store, "q-gone", "w-gone", 4, t0).await);
     let live = park(store, "q-gone", "w-live", 4, t0).await;
     let first = submit_to(store, "q-gone", at(t0, 1)).await;
-    let got = answer(live.answer).await.expect("claimed");
-    assert_eq!(
-        got.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-        [first.id.as_str()]
-    );
-    assert_eq!(got[0].lease.as_ref().expect("leased").worker_id, "w-live");
+    let got = handed(&first, live.answer).await;
+    assert_eq!(got.lease.as_ref().expect("leased").worker_id, "w-live");
 
     drop(park(store, "q-gone", "w-gone-too", 4, t0).await);
     submit_stays_queued(store, "q-gone", at(t0, 2)).await;
@@ -149,12 +155,8 @@ pub async fn parked_claims_are_served_oldest_first(store: &dyn Store) {
     );
 
     let b = submit_to(store, "q-order-park", at(t0, 2)).await;
-    let got = answer(second.answer).await.expect("claimed");
-    assert_eq!(
-        got.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-        [b.id.as_str()]
-    );
-    assert_eq!(got[0].lease.as_ref().expect("leased").worker_id, "w-2");
+    let got = handed(&b, second.answer).await;
+    assert_eq!(got.lease.as_ref().expect("leased").worker_id, "w-2");
 
     submit_stays_queued(store, "q-order-park", at(t0, 3)).await;
 }
@@ -174,12 +176,8 @@ pub async fn a_poke_hands_over_a_delayed_request_once_due(store: &dyn Store) {
     waiting(&mut parked, "a poke before the request is due");
     let due = at(t0, 60_000);
     parked.handle.poke(due);
-    let got = answer(parked.answer).await.expect("claimed");
-    assert_eq!(
-        got.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-        [delayed.id.as_str()]
-    );
-    assert_eq!(got[0].run_after, None);
+    let got = handed(&delayed, parked.answer).await;
+    assert_eq!(got.run_after, None);
 }
 
 /// Work that comes back to a queue other than by a submit — here a
@@ -230,11 +228,7 @@ pub async fn a_fallback_request_is_handed_to_a_parked_claim(store: &dyn Store) {
     .await
     .expect("dead-lettered");
     let spawned = changed.spawned.expect("a fallback request");
-    let got = answer(parked.answer).await.expect("claimed");
-    assert_eq!(
-        got.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-        [spawned.id.as_str()]
-    );
-    assert_eq!(got[0].queue, "q-park-fallback");
-    assert_eq!(got[0].status, Status::Running);
+    let got = handed(&spawned, parked.answer).await;
+    assert_eq!(got.queue, "q-park-fallback");
+    assert_eq!(got.status, Status::Running);
 }
