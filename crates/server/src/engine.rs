@@ -269,8 +269,12 @@ impl Engine {
             now,
         };
         if !wait.is_zero() && !self.shutdown.is_cancelled() {
+            // A parked claim is handed every change the store makes itself;
+            // only time passing needs telling (subscribed before parking).
+            let mut due = self.notifier.subscribe(Key::Due);
             if let Some(parked) = self.store.request_claim_parked(params(self.now())) {
-                let got = self.wait_parked(parked, &mut sub, deadline).await?;
+                drop(sub);
+                let got = self.wait_parked(parked, &mut due, deadline).await?;
                 self.claimed(queue, &got);
                 return Ok(got);
             }
@@ -296,13 +300,14 @@ impl Engine {
     }
 
     /// Waits for a claim parked in the store: it is answered when work is
-    /// handed to it. Wake-ups the store may not see itself (a delayed
-    /// request came due) are passed on as pokes; at the deadline (or
-    /// shutdown) it is unparked and answered with what it got by then.
+    /// handed to it. What the store cannot see itself — time passing, so a
+    /// delayed request came due (`due`) — is passed on as a poke; at the
+    /// deadline (or shutdown) it is unparked and answered with what it got
+    /// by then.
     async fn wait_parked(
         &self,
         parked: ParkedClaim,
-        sub: &mut crate::notify::Subscription,
+        due: &mut crate::notify::Subscription,
         deadline: tokio::time::Instant,
     ) -> Result<Vec<Request>> {
         let ParkedClaim { mut answer, handle } = parked;
@@ -311,7 +316,7 @@ impl Engine {
             tokio::select! {
                 biased;
                 got = &mut answer => return got.map_err(closed)?,
-                _ = sub.changed() => handle.poke(self.now()),
+                _ = due.changed() => handle.poke(self.now()),
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = self.shutdown.cancelled() => break,
             }

@@ -37,6 +37,10 @@ pub enum Key {
     Finished(String),
     /// A message may be receivable on this channel of this tenant.
     Channel(String, String),
+    /// Time passed: delayed work may have come due, or the clock moved —
+    /// the one kind of new claimable work that a store which parks claims
+    /// (and sees every change itself) cannot notice on its own.
+    Due,
 }
 
 /// The in-process hub.
@@ -151,7 +155,7 @@ impl Notifier {
     pub fn notify_all_queues(&self) {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         for (key, tx) in keys.iter() {
-            if matches!(key, Key::Queue(_)) {
+            if matches!(key, Key::Queue(_) | Key::Due) {
                 tx.send_modify(bare);
             }
         }
@@ -238,6 +242,25 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), end.changed())
             .await
             .unwrap();
+    }
+
+    /// Parked claims listen to `Due` only: a queue's wake-ups (changes the
+    /// store already handed to them) leave them asleep; time passing wakes
+    /// them.
+    #[tokio::test]
+    async fn due_wakes_on_time_passing_not_on_queue_changes() {
+        let hub = Notifier::new();
+        let mut due = hub.subscribe(Key::Due);
+        hub.notify(&Key::Queue("q".into()));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), due.changed())
+                .await
+                .is_err()
+        );
+        hub.notify_all_queues();
+        tokio::time::timeout(Duration::from_secs(1), due.changed())
+            .await
+            .expect("woken when delayed work may have come due");
     }
 
     #[tokio::test]
