@@ -135,10 +135,11 @@ impl ClientBuilder {
             .tcp_nodelay(true)
             .build()?;
         let transport = Transport {
+            http,
+            base: Transport::base_of(&url),
             api_key: self.api_key,
             timeout: self.timeout,
             retries: self.retries,
-            ..Transport::new(http, &url)
         };
         let journal = match self.journal {
             Some(path) => Some(Arc::new(Journal::open(&path)?)),

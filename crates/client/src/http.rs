@@ -64,18 +64,13 @@ impl Transport {
         Ok(url)
     }
 
-    /// A transport for the (already checked) base URL `base`.
-    pub fn new(http: reqwest::Client, base: &reqwest::Url) -> Transport {
-        let mut base = base.clone();
+    /// The (already checked) base URL as a transport keeps it: its path
+    /// prefix without a trailing slash.
+    pub fn base_of(url: &reqwest::Url) -> reqwest::Url {
+        let mut base = url.clone();
         let prefix = base.path().trim_end_matches('/').to_string();
         base.set_path(&prefix);
-        Transport {
-            http,
-            base,
-            api_key: None,
-            timeout: Duration::from_secs(30),
-            retries: 3,
-        }
+        base
     }
 
     /// A request to `url` with auth and a per-call timeout of the configured
@@ -208,9 +203,11 @@ mod tests {
 
     fn transport(base: &str) -> Transport {
         Transport {
+            http: reqwest::Client::new(),
+            base: Transport::base_of(&reqwest::Url::parse(base).unwrap()),
+            api_key: None,
             timeout: Duration::from_secs(1),
             retries: 0,
-            ..Transport::new(reqwest::Client::new(), &reqwest::Url::parse(base).unwrap())
         }
     }
 

@@ -258,7 +258,6 @@ impl Engine {
         lease: Duration,
         wait: Duration,
     ) -> Result<Vec<Request>> {
-        let mut sub = self.notifier.subscribe(Key::Queue(queue.to_string()));
         let deadline = tokio::time::Instant::now() + wait;
         let params = |now| ClaimParams {
             fairness: self.config.fairness.clone(),
@@ -273,12 +272,13 @@ impl Engine {
             // only time passing needs telling (subscribed before parking).
             let mut due = self.notifier.subscribe(Key::Due);
             if let Some(parked) = self.store.request_claim_parked(params(self.now())) {
-                drop(sub);
                 let got = self.wait_parked(parked, &mut due, deadline).await?;
                 self.claimed(queue, &got);
                 return Ok(got);
             }
         }
+        // Subscribed before the first look, so a submit in between wakes it.
+        let mut sub = self.notifier.subscribe(Key::Queue(queue.to_string()));
         loop {
             let got = self.store.request_claim(params(self.now())).await?;
             if !got.is_empty() {

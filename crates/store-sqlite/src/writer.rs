@@ -246,6 +246,17 @@ pub fn run(
     let _ = syncer.join();
 }
 
+/// The queues, each once, in their first order (a batch names few).
+fn distinct<'a>(queues: impl IntoIterator<Item = &'a String>) -> Vec<&'a String> {
+    let mut seen: Vec<&String> = Vec::new();
+    for q in queues {
+        if !seen.contains(&q) {
+            seen.push(q);
+        }
+    }
+    seen
+}
+
 /// A claim waiting in the writer for work.
 struct Parked {
     id: u64,
@@ -369,10 +380,8 @@ impl Writer<'_> {
             a(None);
         }
         if let Some(wake) = self.waker.get() {
-            for (i, q) in woken.iter().enumerate() {
-                if !woken[..i].contains(q) {
-                    wake(q);
-                }
+            for q in distinct(&woken) {
+                wake(q);
             }
         }
     }
@@ -448,11 +457,8 @@ impl Writer<'_> {
         if self.parked.borrow().is_empty() {
             return;
         }
-        let queues = claimable.iter().chain(&recheck);
-        for (i, q) in queues.clone().enumerate() {
-            if !queues.clone().take(i).any(|seen| seen == q) {
-                self.hand_over_queue(q, answers);
-            }
+        for q in distinct(claimable.iter().chain(&recheck)) {
+            self.hand_over_queue(q, answers);
         }
     }
 
