@@ -257,6 +257,15 @@ fn distinct<'a>(queues: impl IntoIterator<Item = &'a String>) -> Vec<&'a String>
     seen
 }
 
+/// What one claim round left at its priority level.
+#[derive(PartialEq, Eq)]
+enum Round {
+    /// It claimed; another round may claim more.
+    More,
+    /// Nothing more to claim at this level now.
+    Done,
+}
+
 /// A claim waiting in the writer for work.
 struct Parked {
     id: u64,
@@ -685,8 +694,7 @@ impl Writer<'_> {
                 if need == 0 {
                     return Ok(out);
                 }
-                let progressed = self.claim_round(&p, prio, now, &mut out)?;
-                if !progressed {
+                if self.claim_round(&p, prio, now, &mut out)? == Round::Done {
                     break;
                 }
             }
@@ -695,14 +703,14 @@ impl Writer<'_> {
         Ok(out)
     }
 
-    /// One turn of every key at a priority level; whether anything was claimed.
+    /// One turn of every key at a priority level.
     fn claim_round(
         &self,
         p: &ClaimParams,
         prio: i64,
         now: i64,
         out: &mut Vec<Request>,
-    ) -> Result<bool> {
+    ) -> Result<Round> {
         let (cursor, used) = {
             let cursors = self.cursors.borrow();
             match cursors.get(&p.queue).filter(|(lp, _, _)| *lp == prio) {
@@ -742,6 +750,10 @@ impl Writer<'_> {
             next = self.one::<String>(sql::NEXT_KEY, rusqlite::params![p.queue, prio, k])?;
             keys.push(k);
         }
+        // One key alone at this level takes every turn in a row: its turns
+        // are taken at once (the cursor ends as after those turns), instead
+        // of one round of queries per `weight` requests.
+        let alone = keys.len() == 1;
         let mut progressed = false;
         for (i, key) in keys.into_iter().enumerate() {
             let need = p.max as usize - out.len();
@@ -753,7 +765,13 @@ impl Writer<'_> {
             } else {
                 0
             };
-            let mut take = ((p.fairness.weight(&key) - already) as usize).min(need);
+            let weight = p.fairness.weight(&key);
+            let turn = if alone {
+                need
+            } else {
+                ((weight - already) as usize).min(need)
+            };
+            let mut take = turn;
             if let Some(cap) = p.fairness.cap(&key) {
                 let running: i64 = self
                     .one(sql::KEY_RUNNING, rusqlite::params![p.queue, key])?
@@ -761,6 +779,9 @@ impl Writer<'_> {
                 take = take.min((cap as i64 - running).max(0) as usize);
             }
             if take == 0 {
+                if alone {
+                    return Ok(Round::Done);
+                }
                 continue;
             }
             let ids = sql::ids(
@@ -783,12 +804,18 @@ impl Writer<'_> {
             }
             if got > 0 {
                 progressed = true;
+                // Turns of `weight` in a row: the last one has used this many.
+                let used = (already as usize + got - 1) % weight as usize + 1;
                 self.cursors
                     .borrow_mut()
-                    .insert(p.queue.clone(), (prio, key, already + got));
+                    .insert(p.queue.clone(), (prio, key, used as u32));
+            }
+            if alone && got < take {
+                // Fewer than asked of the only key: this level is drained.
+                return Ok(Round::Done);
             }
         }
-        Ok(progressed)
+        Ok(if progressed { Round::More } else { Round::Done })
     }
 
     fn first_key(&self, queue: &str, prio: i64) -> Result<Option<String>> {

@@ -126,6 +126,18 @@ struct Stages {
     completed_to_received_p50_ms: f64,
 }
 
+/// Where the slowest sequential round trips' time goes: the mean of each
+/// stage over the trips at or above the p99 of the whole round trip (what
+/// the p99 is made of).
+#[derive(Debug, Serialize)]
+struct Tail {
+    n: usize,
+    sent_to_stored_ms: f64,
+    stored_to_claimed_ms: f64,
+    claimed_to_completed_ms: f64,
+    completed_to_received_ms: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     reply_mode: ReplyMode,
@@ -138,6 +150,8 @@ struct Report {
     latency: Latency,
     wake: Option<Wake>,
     stages: Option<Stages>,
+    /// The same stages for the slowest 1 % of the sequential round trips.
+    stages_slowest: Option<Tail>,
     /// The same breakdown for a sample of the throughput phase.
     stages_under_load: Option<Stages>,
     enqueue_only_per_s: Option<f64>,
@@ -478,7 +492,8 @@ async fn drained(client: &Client, queue: &str, n: u64) -> anyhow::Result<()> {
     }
 }
 
-/// How many of the sequential requests' histories the wake time is read from.
+/// How many of the throughput phase's round trips are timed stage by stage
+/// (every sequential one is).
 const WAKE_SAMPLE: usize = 500;
 
 /// One sequential round trip as the client saw it: its id, and the wall
@@ -490,14 +505,16 @@ struct Trip {
 }
 
 /// Reads the sampled trips' histories: the wake time (submitted → claimed)
-/// and where each round trip's time went, stage by stage.
+/// and where each round trip's time went, stage by stage (p50, and the
+/// mean over the slowest 1 %).
 async fn wake_times(
     client: &Client,
     trips: &[Trip],
-) -> anyhow::Result<(Option<Wake>, Option<Stages>)> {
+) -> anyhow::Result<(Option<Wake>, Option<Stages>, Option<Tail>)> {
     use coatcheck_core::EventKind;
     let mut waits = Vec::with_capacity(trips.len());
-    let mut stages: [Vec<Duration>; 4] = Default::default();
+    // Each finished trip: its whole span, then its four stages.
+    let mut spans: Vec<(Duration, [Duration; 4])> = Vec::with_capacity(trips.len());
     for t in trips {
         let events = client.history(&t.id).await?;
         let at = |pick: fn(&EventKind) -> bool| events.iter().find(|e| pick(&e.kind)).map(|e| e.at);
@@ -510,19 +527,13 @@ async fn wake_times(
         if let (Some(s), Some(c)) = (submitted, claimed) {
             waits.push(span(s, c));
             if let Some(d) = succeeded {
-                for (v, d) in stages.iter_mut().zip([
-                    span(t.sent, s),
-                    span(s, c),
-                    span(c, d),
-                    span(d, t.received),
-                ]) {
-                    v.push(d);
-                }
+                let stages = [span(t.sent, s), span(s, c), span(c, d), span(d, t.received)];
+                spans.push((span(t.sent, t.received), stages));
             }
         }
     }
     if waits.is_empty() {
-        return Ok((None, None));
+        return Ok((None, None, None));
     }
     waits.sort();
     let wake = Wake {
@@ -530,21 +541,36 @@ async fn wake_times(
         p50_ms: percentile(&waits, 0.50),
         p99_ms: percentile(&waits, 0.99),
     };
-    if stages[0].is_empty() {
-        return Ok((Some(wake), None));
+    if spans.is_empty() {
+        return Ok((Some(wake), None, None));
     }
-    let [a, b, c, d] = stages.map(|mut v| {
+    let [a, b, c, d] = std::array::from_fn(|i| {
+        let mut v: Vec<Duration> = spans.iter().map(|(_, st)| st[i]).collect();
         v.sort();
         percentile(&v, 0.50)
     });
     let stages = Stages {
-        n: waits.len(),
+        n: spans.len(),
         sent_to_stored_p50_ms: a,
         stored_to_claimed_p50_ms: b,
         claimed_to_completed_p50_ms: c,
         completed_to_received_p50_ms: d,
     };
-    Ok((Some(wake), Some(stages)))
+    // The slowest 1 % (at least one trip), by the whole round trip.
+    spans.sort_by_key(|(whole, _)| std::cmp::Reverse(*whole));
+    let slowest = &spans[..spans.len().div_ceil(100)];
+    let [a, b, c, d] = std::array::from_fn(|i| {
+        let sum: Duration = slowest.iter().map(|(_, st)| st[i]).sum();
+        sum.as_secs_f64() * 1000.0 / slowest.len() as f64
+    });
+    let tail = Tail {
+        n: slowest.len(),
+        sent_to_stored_ms: a,
+        stored_to_claimed_ms: b,
+        claimed_to_completed_ms: c,
+        completed_to_received_ms: d,
+    };
+    Ok((Some(wake), Some(stages), Some(tail)))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -656,9 +682,8 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
         progress.tick();
     }
     lat.sort();
-    let (wake, stages) =
-        wake_times(&client, &trips[trips.len().saturating_sub(WAKE_SAMPLE)..]).await?;
-    let (_, stages_under_load) = wake_times(&client, &loaded).await?;
+    let (wake, stages, stages_slowest) = wake_times(&client, &trips).await?;
+    let (_, stages_under_load, _) = wake_times(&client, &loaded).await?;
     Ok(Report {
         reply_mode: a.mode,
         store,
@@ -675,6 +700,7 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
         },
         wake,
         stages,
+        stages_slowest,
         stages_under_load,
         enqueue_only_per_s: enqueue_rate,
         claim_complete_only_per_s: drain_rate,
@@ -728,6 +754,20 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
                 );
             }
         }
+    }
+    if let Some(t) = r
+        .stages_slowest
+        .as_ref()
+        .filter(|_| !r.store.starts_with("running server"))
+    {
+        println!(
+            "  slowest 1% (mean):  sent→stored {:.2}  stored→claimed {:.2}  claimed→completed {:.2}  completed→received {:.2} ms  (n={})",
+            t.sent_to_stored_ms,
+            t.stored_to_claimed_ms,
+            t.claimed_to_completed_ms,
+            t.completed_to_received_ms,
+            t.n
+        );
     }
     if r.backlog > 0 {
         println!(

@@ -68,6 +68,20 @@ fn bench_runs_every_phase_and_reports_each_number() {
     .map(|k| s[*k].as_f64().expect("a stage"))
     .sum();
     assert!(parts > 0.0 && parts <= max + 1.0, "{s} against {lat}");
+    // The slowest 1 % of 50 is one trip: the slowest, so its stages add up
+    // to no more than the max, and to at least the p50's.
+    let t = &r["stages_slowest"];
+    assert_eq!(t["n"], 1, "{t}");
+    let tail: f64 = [
+        "sent_to_stored_ms",
+        "stored_to_claimed_ms",
+        "claimed_to_completed_ms",
+        "completed_to_received_ms",
+    ]
+    .iter()
+    .map(|k| t[*k].as_f64().expect("a stage"))
+    .sum();
+    assert!(tail <= max + 1.0 && tail + 1.0 >= p50, "{t} against {lat}");
 }
 
 #[test]

@@ -163,3 +163,21 @@ pub async fn a_capped_key_waits_for_its_running_requests(store: &dyn Store) {
     let keys = claim_keys(store, "q-fair-cap", &rules, 10, 10, at(t0, 3_000)).await;
     assert_eq!(keys, ["a"]);
 }
+
+/// A key alone at its level may take many turns in one claim, and the
+/// rotation then goes on exactly as if they had been taken one by one: its
+/// last turn (1 of a weight of 2) is finished before the next key's.
+pub async fn a_lone_keys_turns_carry_into_the_rotation(store: &dyn Store) {
+    let t0 = base();
+    let rules = FairnessRules {
+        weights: HashMap::from([("a".to_string(), 2)]),
+        ..Default::default()
+    };
+    submit_keyed(store, "q-fair-lone", "a", 0, 5, t0, 0).await;
+    let first = claim_keys(store, "q-fair-lone", &rules, 5, 5, at(t0, 1_000)).await;
+    assert_eq!(first, ["a"; 5], "a lone key takes the whole claim");
+    submit_keyed(store, "q-fair-lone", "b", 0, 2, t0, 100).await;
+    submit_keyed(store, "q-fair-lone", "a", 0, 3, t0, 200).await;
+    let keys = claim_keys(store, "q-fair-lone", &rules, 5, 1, at(t0, 2_000)).await;
+    assert_eq!(keys, ["a", "b", "a", "a", "b"]);
+}

@@ -166,6 +166,7 @@ macro_rules! conformance_suite {
                 priority_comes_before_fairness,
                 weights_give_a_key_more_turns,
                 a_capped_key_waits_for_its_running_requests,
+                a_lone_keys_turns_carry_into_the_rotation,
             }
             lease {
                 heartbeat_extends_the_lease_and_records_progress,
