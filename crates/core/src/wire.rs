@@ -247,9 +247,15 @@ pub struct SettlementResult {
     pub id: String,
     /// 200, 409 or 404 — what the single call would have answered.
     pub status: u16,
-    /// The request after the settlement (200).
+    /// The request after the settlement (200), unless the call asked for
+    /// `Prefer: return=minimal`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<Request>,
+    /// The request's status after the settlement (200): `succeeded`,
+    /// `queued` (a retry), `failed`, `cancelled`. Also under
+    /// `Prefer: return=minimal`, where it is all that is said of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_status: Option<crate::Status>,
     /// The problem document (409/404).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<Problem>,

@@ -6,8 +6,10 @@
 //! - Natural batching, no timer: the settler sends whatever is waiting the
 //!   moment it is free; while that call is in flight new outcomes queue up and
 //!   go together in the next call (`POST …/settlements`, up to 100 items and
-//!   ~256 KiB). A lone outcome uses the plain `complete`/`fail` call. So a
-//!   quiet worker pays no latency and a busy one pays one round trip per batch.
+//!   ~256 KiB), with `Prefer: return=minimal` so the answer carries each
+//!   request's new status but not the request (nor its output) back. A lone
+//!   outcome uses the plain `complete`/`fail` call. So a quiet worker pays no
+//!   latency and a busy one pays one round trip per batch.
 //! - An outcome is retried with the *same lease token* until it lands (200),
 //!   is refused for good (409/404: the lease is gone, or a repeated fail whose
 //!   first answer was lost), or the worker gives up at the end of shutdown.
@@ -130,7 +132,7 @@ async fn settle_batch(ctx: &Ctx, batch: Vec<Pending>, batch_call: &mut bool) {
     let mut failures = 0u32;
     loop {
         let answer = tokio::select! {
-            r = ctx.client.settle(&ctx.queue, items.clone()) => r,
+            r = ctx.client.settle_minimal(&ctx.queue, items.clone()) => r,
             _ = ctx.give_up.cancelled() => {
                 for p in batch {
                     p.answer(Outcome::GaveUp(Error::Timeout));
@@ -172,7 +174,7 @@ async fn settle_batch(ctx: &Ctx, batch: Vec<Pending>, batch_call: &mut bool) {
 
 fn outcome_of(r: SettlementResult) -> Outcome {
     match r.status {
-        200..=299 => Outcome::Settled(r.request.map(|req| req.status)),
+        200..=299 => Outcome::Settled(r.request_status.or(r.request.map(|req| req.status))),
         status => {
             let problem = r.problem.unwrap_or_else(|| {
                 synthetic_problem(status, format!("settlement of {} refused", r.id))

@@ -337,11 +337,38 @@ async fn settle_completes_and_fails_in_one_call() {
     for r in results {
         if r.id == a.request.id {
             assert_eq!(r.status, 200);
+            assert_eq!(r.request.map(|q| q.status), Some(Status::Succeeded));
+            assert_eq!(r.request_status, Some(Status::Succeeded));
         } else {
             assert_eq!(r.id, b.request.id);
             assert_eq!(r.status, 409);
         }
     }
+}
+
+#[tokio::test]
+async fn settle_minimal_answers_the_status_without_the_request() {
+    let s = TestServer::start().await;
+    let c = client(&s);
+    c.submit("slim", &1).send().await.unwrap();
+    let job = c.claim("slim", claim_body(1)).await.unwrap().remove(0);
+    let item = SettlementItem {
+        id: job.id.clone(),
+        lease_token: job.lease_token.clone(),
+        output: Some(serde_json::value::to_raw_value(&"x".repeat(10_000)).unwrap()),
+        error: None,
+        retryable: None,
+        retry_after: None,
+    };
+    let r = c
+        .settle_minimal("slim", vec![item])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!((r.id.as_str(), r.status), (job.id.as_str(), 200));
+    assert!(r.request.is_none(), "the output is not sent back");
+    assert_eq!(r.request_status, Some(Status::Succeeded));
+    assert_eq!(c.get(&job.id).await.unwrap().status, Status::Succeeded);
 }
 
 #[tokio::test]

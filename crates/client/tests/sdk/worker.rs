@@ -85,6 +85,15 @@ async fn a_typed_worker_processes_many_concurrently() {
         40,
         "{events:?}"
     );
+    // Batched or single, each outcome says where its request went (batches
+    // ask for `return=minimal`, so the status comes without the request).
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.starts_with("Settled"))
+            .all(|e| e.ends_with("status: Some(Succeeded) }")),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]

@@ -52,7 +52,7 @@ fn location(id: &str) -> String {
     format!("/v1/requests/{id}")
 }
 
-fn with_headers(mut resp: Response, headers: &[(HeaderName, String)]) -> Response {
+pub(crate) fn with_headers(mut resp: Response, headers: &[(HeaderName, String)]) -> Response {
     for (k, v) in headers {
         if let Ok(v) = HeaderValue::from_str(v) {
             resp.headers_mut().insert(k.clone(), v);
@@ -63,18 +63,32 @@ fn with_headers(mut resp: Response, headers: &[(HeaderName, String)]) -> Respons
 
 /// Parses `Prefer: wait=N` (RFC 7240); preferences we do not understand are ignored.
 pub fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
+    preferences(headers).find_map(|(k, v)| {
+        if k.eq_ignore_ascii_case("wait") {
+            v.parse::<u64>().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether the caller sent `Prefer: return=minimal` (RFC 7240 §4.2).
+pub fn prefer_minimal(headers: &HeaderMap) -> bool {
+    preferences(headers)
+        .any(|(k, v)| k.eq_ignore_ascii_case("return") && v.eq_ignore_ascii_case("minimal"))
+}
+
+/// Every `name=value` of every `Prefer` header (split at commas and
+/// semicolons, trimmed, value unquoted).
+fn preferences(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
     headers
         .get_all("prefer")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split([',', ';']))
-        .find_map(|p| {
+        .filter_map(|p| {
             let (k, v) = p.trim().split_once('=')?;
-            if k.trim().eq_ignore_ascii_case("wait") {
-                v.trim().trim_matches('"').parse::<u64>().ok()
-            } else {
-                None
-            }
+            Some((k.trim(), v.trim().trim_matches('"')))
         })
 }
 
@@ -565,6 +579,29 @@ mod tests {
         // Across several Prefer headers.
         let h = headers("prefer", &[b"respond-async", b"wait=4"]);
         assert_eq!(prefer_wait(&h), Some(4));
+    }
+
+    #[test]
+    fn prefer_minimal_reads_return_minimal_only() {
+        let minimal = |v: &str| prefer_minimal(&headers("prefer", &[v.as_bytes()]));
+        for yes in [
+            "return=minimal",
+            "wait=3, return=minimal",
+            "RETURN = \"Minimal\"",
+        ] {
+            assert!(minimal(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "return=representation",
+            "return",
+            "minimal",
+            "returns=minimal",
+        ] {
+            assert!(!minimal(no), "{no}");
+        }
+        let h = headers("prefer", &[b"respond-async", b"return=minimal"]);
+        assert!(prefer_minimal(&h));
     }
 
     fn problem_field(e: &ApiError) -> serde_json::Value {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use coatcheck_core::validate::{self, Invalid};
@@ -19,7 +20,7 @@ use coatcheck_store::{HeartbeatParams, RequestRef, SettleParams, Settlement};
 use super::auth::Caller;
 use super::extract::{JsonBody, Segment};
 use super::problem::ApiError;
-use super::requests::{request_ref, wait_duration};
+use super::requests::{prefer_minimal, request_ref, wait_duration, with_headers};
 use crate::engine::Engine;
 use crate::keys::Role;
 
@@ -216,18 +217,21 @@ pub async fn fail(
 }
 
 /// Complete and fail many requests in one durable commit.
-#[utoipa::path(post, path = "/v1/queues/{queue}/settlements", tag = "worker", params(("queue" = String, Path, description = "A queue name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")),
+#[utoipa::path(post, path = "/v1/queues/{queue}/settlements", tag = "worker", params(("queue" = String, Path, description = "A queue name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"),
+        ("Prefer" = Option<String>, Header, description = "`return=minimal` (RFC 7240): leave each settled request out of its item; `request_status` still says where it went")),
     request_body = SettlementsBody,
     responses((status = 200, body = SettlementsResponse), (status = 400, body = coatcheck_core::wire::Problem)))]
 pub async fn settlements(
     State(engine): State<Arc<Engine>>,
     caller: Caller,
     Segment(queue): Segment,
+    headers: HeaderMap,
     body: JsonBody<SettlementsBody>,
-) -> Result<Json<SettlementsResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(Role::Worker)?;
     caller.require_queue(&queue)?;
     validate::name("queue", &queue)?;
+    let minimal = prefer_minimal(&headers);
     let items = body.value.items;
     if items.is_empty() || items.len() > 100 {
         return Err(Invalid::new("items", "must hold 1 to 100 items").into());
@@ -282,17 +286,30 @@ pub async fn settlements(
                 Ok(req) => SettlementResult {
                     id,
                     status: StatusCode::OK.as_u16(),
-                    request: Some(req),
+                    request_status: Some(req.status),
+                    request: (!minimal).then_some(req),
                     problem: None,
                 },
                 Err(e) => SettlementResult {
                     id,
                     status: e.status().as_u16(),
                     request: None,
+                    request_status: None,
                     problem: Some(e.problem()),
                 },
             }
         })
         .collect();
-    Ok(Json(SettlementsResponse { items }))
+    let resp = Json(SettlementsResponse { items }).into_response();
+    Ok(if minimal {
+        with_headers(
+            resp,
+            &[(
+                HeaderName::from_static("preference-applied"),
+                "return=minimal".into(),
+            )],
+        )
+    } else {
+        resp
+    })
 }

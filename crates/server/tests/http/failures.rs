@@ -209,6 +209,52 @@ async fn a_dead_lettered_request_with_a_fallback_queue_submits_a_linked_request(
 }
 
 #[tokio::test]
+async fn settlements_with_return_minimal_leave_the_requests_out() {
+    let s = TestServer::start().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(id(&s.submit("slim", json!({"input": i})).await));
+    }
+    let c = claim_wait(&s, "slim", 3, 30.0, 0.0).await;
+    let items = json!([
+        {"id": ids[0], "lease_token": token(&c[0]), "output": {"big": "x".repeat(1000)}},
+        {"id": ids[1], "lease_token": token(&c[1]), "error": {"message": "later"}},
+        {"id": ids[2], "lease_token": "00000000000000000000000000000000", "output": 1},
+    ]);
+    let resp = s
+        .http()
+        .post(s.url("/v1/queues/slim/settlements"))
+        .header("prefer", "respond-async, return=minimal")
+        .json(&json!({"items": items}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["preference-applied"], "return=minimal");
+    let v = json_of(resp, 200).await;
+    let out = v["items"].as_array().unwrap();
+    assert_eq!(
+        out.iter()
+            .map(|i| i["status"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [200, 200, 409]
+    );
+    for item in out {
+        assert!(item.get("request").is_none(), "{item}");
+    }
+    assert_eq!(out[0]["request_status"], "succeeded");
+    assert_eq!(out[1]["request_status"], "queued", "a retry");
+    assert!(out[2]["problem"]["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("/problems/lease-lost"));
+    // The settlements themselves are whole: only the answer is shorter.
+    let done = get_req(&s, &ids[0]).await;
+    assert_eq!(done["output"]["big"].as_str().map(str::len), Some(1000));
+    assert_eq!(get_req(&s, &ids[1]).await["status"], "queued");
+    assert_eq!(get_req(&s, &ids[2]).await["status"], "running");
+}
+
+#[tokio::test]
 async fn settlements_answer_each_item_in_order_and_independently() {
     let s = TestServer::start().await;
     let mut ids = Vec::new();
@@ -243,6 +289,10 @@ async fn settlements_answer_each_item_in_order_and_independently() {
     assert_eq!(out[0]["request"]["status"], "succeeded");
     assert_eq!(out[0]["request"]["output"], json!({"n": 0}));
     assert_eq!(out[1]["request"]["status"], "failed");
+    for item in out.iter().filter(|i| i["status"] == 200) {
+        assert_eq!(item["request_status"], item["request"]["status"], "{item}");
+    }
+    assert!(out[2].get("request_status").is_none());
     assert!(out[2]["problem"]["type"]
         .as_str()
         .unwrap()
