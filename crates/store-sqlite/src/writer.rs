@@ -421,18 +421,16 @@ impl Writer<'_> {
     /// After a change to these requests: their queues may have claimable
     /// work again (back to `queued`, or a running one gone, which may free
     /// a fairness slot, or a fallback request spawned), so their parked
-    /// claims look again.
+    /// claims look again. Noted whether or not a claim is parked yet: a
+    /// claim earlier in this very batch parks only after every command ran,
+    /// and must still be handed what this change freed.
     fn may_free_work<'a>(&self, now: Ts, changed: impl Iterator<Item = &'a Changed>) {
-        let parked = self.parked.borrow();
-        if parked.is_empty() {
-            return;
-        }
         self.saw_time(now);
         let mut recheck = self.recheck.borrow_mut();
         // A dead letter's fallback request is new work in its own queue.
         let queues = changed.flat_map(|c| std::iter::once(&c.request).chain(&c.spawned));
         for q in queues.map(|r| &r.queue) {
-            if parked.contains_key(q) && !recheck.contains(q) {
+            if !recheck.contains(q) {
                 recheck.push(q.clone());
             }
         }

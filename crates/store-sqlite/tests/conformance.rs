@@ -190,5 +190,6 @@ mod parked {
         a_poke_hands_over_a_delayed_request_once_due,
         a_redriven_request_is_handed_to_a_parked_claim,
         a_fallback_request_is_handed_to_a_parked_claim,
+        work_freed_in_the_parking_batch_is_handed_over,
     );
 }

@@ -219,3 +219,31 @@ pub async fn a_fallback_request_is_handed_to_a_parked_claim(store: &dyn Store) {
     assert_eq!(got.queue, "q-park-fallback");
     assert_eq!(got.status, Status::Running);
 }
+
+/// A claim that finds nothing and parks in the same batch as a change that
+/// frees work — here a lease that ran out, applied right after the claim —
+/// is handed that work by the batch's own commit, not left waiting for a
+/// later change. The two calls are sent back to back, so they share a batch
+/// in most rounds; twenty rounds make sure some do.
+pub async fn work_freed_in_the_parking_batch_is_handed_over(store: &dyn Store) {
+    let t0 = base();
+    let expired = at(t0, LEASE.as_millis() as u64 + 1_000);
+    for round in 0..20 {
+        let queue = format!("q-park-same-batch-{round}");
+        let running = running_in(store, &queue, t0).await;
+        let parked = store
+            .request_claim_parked(params(&queue, "w-parked", 1, expired))
+            .expect("this store parks claims");
+        let changed = store.lease_expire_due(expired, 256).await.expect("expired");
+        assert!(
+            changed.iter().any(|c| c.request.id == running.id),
+            "round {round}"
+        );
+        let got = handed(&running, parked.answer).await;
+        assert_eq!(
+            (got.status, got.attempts),
+            (Status::Running, 2),
+            "round {round}"
+        );
+    }
+}
