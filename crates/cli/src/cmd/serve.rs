@@ -44,6 +44,12 @@ pub struct Args {
         hide_env_values = true
     )]
     pub webhook_secret: Vec<String>,
+    /// Seconds between webhook attempts (comma-separated): one more attempt
+    /// than delays, then the delivery fails for good. Each delay gets ±10 %
+    /// jitter. Default: 5, 300, 1800, 7200, 18000, 36000, 36000 (eight
+    /// attempts over about 27 hours).
+    #[arg(long, env = "COATCHECK_WEBHOOK_RETRIES", value_delimiter = ',')]
+    pub webhook_retries: Vec<f64>,
     /// Allow webhook targets on private, loopback and link-local addresses (development).
     #[arg(long, env = "COATCHECK_WEBHOOK_ALLOW_PRIVATE")]
     pub webhook_allow_private: bool,
@@ -166,6 +172,9 @@ fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
         config.webhook_secrets.push(key);
     }
     config.webhook_allow_private = a.webhook_allow_private;
+    if !a.webhook_retries.is_empty() {
+        config.webhook_schedule = webhook_schedule(&a.webhook_retries)?;
+    }
     config.channel_retention =
         coatcheck_core::validate::duration("channel-retention", a.channel_retention)
             .map_err(|e| anyhow::anyhow!("--{e}"))?;
@@ -252,6 +261,29 @@ fn config(a: &Args) -> anyhow::Result<(SocketAddr, Config)> {
         *slot = Duration::from_secs_f64(v);
     }
     Ok((addr, config))
+}
+
+/// The most delays `--webhook-retries` takes.
+const MAX_WEBHOOK_RETRIES: usize = 50;
+
+/// `--webhook-retries`: 1 to 50 delays, each more than 0 and at most ten years.
+fn webhook_schedule(secs: &[f64]) -> anyhow::Result<Vec<Duration>> {
+    if secs.len() > MAX_WEBHOOK_RETRIES {
+        bail!(
+            "--webhook-retries takes at most {MAX_WEBHOOK_RETRIES} delays (got {})",
+            secs.len()
+        );
+    }
+    secs.iter()
+        .map(|&s| {
+            let d = coatcheck_core::validate::duration("webhook-retries", s)
+                .map_err(|e| anyhow::anyhow!("--{e}"))?;
+            if d.is_zero() {
+                bail!("--webhook-retries: each delay must be more than 0 seconds (got {s})");
+            }
+            Ok(d)
+        })
+        .collect()
 }
 
 fn describe(store: &StoreConfig) -> String {
@@ -344,5 +376,26 @@ async fn wait_for_signal(mut term: tokio::signal::unix::Signal) {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_retries_are_positive_bounded_delays() {
+        assert_eq!(
+            webhook_schedule(&[0.5, 60.0, 3600.0]).unwrap(),
+            [
+                Duration::from_millis(500),
+                Duration::from_secs(60),
+                Duration::from_secs(3600)
+            ]
+        );
+        for bad in [&[0.0][..], &[-1.0], &[f64::NAN], &[1e12], &[1.0; 51]] {
+            let e = webhook_schedule(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--webhook-retries"), "{bad:?}: {e}");
+        }
     }
 }

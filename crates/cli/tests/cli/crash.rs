@@ -154,6 +154,18 @@ fn bad_flags_refuse_to_start_with_a_clear_message() {
             ],
             "--store",
         ),
+        (
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                d,
+                "--webhook-retries",
+                "5,0",
+            ],
+            "--webhook-retries",
+        ),
     ] {
         let out = crate::proc::run(&args, None);
         assert!(!out.status.success(), "{args:?} should fail");

@@ -356,3 +356,80 @@ async fn channel_no_ack_leaves_messages_to_come_back() {
     assert_eq!(third.status.code(), Some(5), "{third:?}");
     assert!(third.stdout.is_empty());
 }
+
+/// `serve --webhook-retries` sets the webhook schedule: against a receiver
+/// that always fails, two short delays make three attempts, the last one
+/// giving up (the default schedule's second attempt would come 5 s later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_webhook_retries_sets_the_schedule() {
+    // A receiver that answers every POST with 500 and counts them.
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", receiver.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = receiver.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = sock.read(&mut buf).await;
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = sock
+                    .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let server = crate::proc::Serve::start(
+        dir.path(),
+        &[
+            "--webhook-secret",
+            "whsec_MDEyMzQ1Njc4OWFiY2RlZg==",
+            "--webhook-allow-private",
+            "--webhook-retries",
+            "0.2,0.3",
+        ],
+    );
+    let c = client(&server.url);
+    let target = coatcheck_client::WebhookTarget { url: hook };
+    let id = c
+        .submit("hooked", &json!({"n": 1}))
+        .reply_to(ReplyTo::Webhook(target))
+        .send()
+        .await
+        .unwrap()
+        .request
+        .id;
+    let job = claim(&c, "hooked", 1).await.remove(0);
+    c.complete(&id, &job.lease_token, &"done").await.unwrap();
+    let started = Instant::now();
+    let failures = loop {
+        let failed: Vec<Value> = c
+            .history(&id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| serde_json::to_value(e.kind).unwrap())
+            .filter(|k| k["kind"] == "reply_delivery_failed")
+            .collect();
+        if failed.len() >= 3 || started.elapsed() > Duration::from_secs(20) {
+            break failed;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let attempts: Vec<u64> = failures
+        .iter()
+        .map(|f| f["attempt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(attempts, [1, 2, 3], "{failures:?}");
+    assert!(failures[..2]
+        .iter()
+        .all(|f| f["next_attempt_at"].is_string()));
+    assert!(
+        failures[2].get("next_attempt_at").is_none(),
+        "the last one gave up"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(hits.load(Ordering::SeqCst), 3, "no fourth attempt");
+}
