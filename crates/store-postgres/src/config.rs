@@ -9,6 +9,15 @@
 //!   schema of its own; operators may share one database among several
 //!   coatcheck clusters this way.
 //! - `pool_size=N`: connections each node keeps at most (default 10).
+//! - `sslmode` and `sslrootcert`: TLS to the database (`crate::tls`), read
+//!   here because coatcheck gives them meanings of its own: `disable` (also
+//!   the default when absent), `prefer` (TLS when the server offers it, its
+//!   certificate not checked, as libpq), `require` (TLS or no connection,
+//!   certificate not checked, as libpq without a root certificate) and
+//!   `verify-full` (TLS, and the certificate must chain to `sslrootcert` — a
+//!   PEM file — or to the public web roots, and name the host). Other modes
+//!   and `sslrootcert` without `verify-full` are refused, so that nothing is
+//!   checked less than the URL seems to say.
 //!
 //! Every connection also gets `application_name=coatcheck` (unless the URL
 //! names one), a 5 s connect timeout, TCP keep-alives, and server-side
@@ -26,11 +35,30 @@ pub const DEFAULT_POOL_SIZE: usize = 10;
 /// made) before it answers "unavailable".
 pub const POOL_WAIT: Duration = Duration::from_secs(5);
 
+/// How connections to the database are encrypted (`sslmode=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain TCP (`disable`, or no `sslmode`).
+    Off,
+    /// TLS if the server offers it, certificate not checked (`prefer`).
+    Prefer,
+    /// TLS or no connection, certificate not checked (`require`).
+    Require,
+    /// TLS, certificate checked against these roots (a PEM file) or the
+    /// public web roots, and the host name (`verify-full`).
+    VerifyFull {
+        /// `sslrootcert`.
+        roots: Option<std::path::PathBuf>,
+    },
+}
+
 /// A parsed store URL.
 #[derive(Clone)]
 pub struct PgOptions {
     /// What tokio-postgres connects with.
     pub pg: tokio_postgres::Config,
+    /// TLS to the database.
+    pub tls: TlsMode,
     /// The schema every table lives in, if not the default search path.
     pub schema: Option<String>,
     /// Pooled connections per node.
@@ -45,6 +73,7 @@ impl std::fmt::Debug for PgOptions {
             .field("dbname", &self.pg.get_dbname())
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -76,6 +105,8 @@ impl PgOptions {
         };
         let mut schema = None;
         let mut pool_size = DEFAULT_POOL_SIZE;
+        let mut sslmode = None;
+        let mut sslrootcert = None;
         let mut rest = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -95,9 +126,27 @@ impl PgOptions {
                         .filter(|n| (1..=1000).contains(n))
                         .ok_or_else(|| UrlError(format!("pool_size {v:?} must be 1..1000")))?;
                 }
+                "sslmode" => sslmode = Some(v.to_string()),
+                "sslrootcert" => sslrootcert = Some(std::path::PathBuf::from(v)),
                 _ => rest.push(pair),
             }
         }
+        let tls = match (sslmode.as_deref(), sslrootcert) {
+            (Some("verify-full"), roots) => TlsMode::VerifyFull { roots },
+            (_, Some(_)) => {
+                return Err(UrlError(
+                    "sslrootcert is only used with sslmode=verify-full".into(),
+                ))
+            }
+            (None | Some("disable"), None) => TlsMode::Off,
+            (Some("prefer"), None) => TlsMode::Prefer,
+            (Some("require"), None) => TlsMode::Require,
+            (Some(other), None) => {
+                return Err(UrlError(format!(
+                "sslmode {other:?} is not supported: use disable, prefer, require or verify-full"
+            )))
+            }
+        };
         let pg_url = if rest.is_empty() {
             base.to_string()
         } else {
@@ -105,6 +154,13 @@ impl PgOptions {
         };
         let mut pg =
             tokio_postgres::Config::from_str(&pg_url).map_err(|e| UrlError(e.to_string()))?;
+        pg.ssl_mode(match tls {
+            TlsMode::Off => tokio_postgres::config::SslMode::Disable,
+            TlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            TlsMode::Require | TlsMode::VerifyFull { .. } => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
         if pg.get_application_name().is_none() {
             pg.application_name("coatcheck");
         }
@@ -141,6 +197,7 @@ impl PgOptions {
         pg.options(options);
         Ok(PgOptions {
             pg,
+            tls,
             schema,
             pool_size,
         })
@@ -167,6 +224,39 @@ mod tests {
         assert_eq!(o.pg.get_application_name(), Some("x"));
         assert!(o.pg.get_options().unwrap().contains("search_path=cc_a1"));
         assert_eq!(o.pg.get_dbname(), Some("test"));
+    }
+
+    #[test]
+    fn sslmode_and_sslrootcert_are_read_here() {
+        let mode = |q: &str| PgOptions::parse(&format!("postgres://h/db{q}")).map(|o| o.tls);
+        assert_eq!(mode("").unwrap(), TlsMode::Off);
+        assert_eq!(mode("?sslmode=disable").unwrap(), TlsMode::Off);
+        assert_eq!(mode("?sslmode=prefer").unwrap(), TlsMode::Prefer);
+        assert_eq!(mode("?sslmode=require").unwrap(), TlsMode::Require);
+        assert_eq!(
+            mode("?sslmode=verify-full").unwrap(),
+            TlsMode::VerifyFull { roots: None }
+        );
+        assert_eq!(
+            mode("?sslmode=verify-full&sslrootcert=/etc/ca.pem").unwrap(),
+            TlsMode::VerifyFull {
+                roots: Some("/etc/ca.pem".into())
+            }
+        );
+        for bad in [
+            "?sslmode=verify-ca",
+            "?sslmode=allow",
+            "?sslmode=",
+            "?sslmode=require&sslrootcert=/etc/ca.pem",
+        ] {
+            let e = mode(bad).unwrap_err().to_string();
+            assert!(e.contains("ssl"), "{bad}: {e}");
+        }
+        let o = PgOptions::parse("postgres://h/db?sslmode=require").unwrap();
+        assert_eq!(
+            o.pg.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
     }
 
     #[test]

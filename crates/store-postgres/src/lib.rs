@@ -58,6 +58,7 @@ pub mod migrate;
 mod read;
 mod sql;
 pub mod testing;
+pub mod tls;
 
 /// The batched update of request rows, for tests that check its plan.
 #[doc(hidden)]
@@ -78,7 +79,6 @@ use coatcheck_store::{
     Submitted, WebhookDelivery, WebhookOutcome,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 pub use config::PgOptions;
 
@@ -133,16 +133,32 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+/// An error and what caused it, in one line (a TLS handshake failure says
+/// only that; its cause says which certificate check failed).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !msg.contains(&more) {
+            msg = format!("{msg}: {more}");
+        }
+        cause = c.source();
+    }
+    msg
+}
+
 impl PgStore {
     /// Connects, applies missing migrations (under an advisory lock), starts
     /// listening for other nodes' changes, and opens the pool.
     pub async fn open(url: &str, opts: StoreOptions) -> std::result::Result<Self, OpenError> {
         let options = PgOptions::parse(url)?;
+        let tls = tls::connector(&options.tls).map_err(OpenError::Connect)?;
         let (client, connection) = options
             .pg
-            .connect(NoTls)
+            .connect(tls.clone())
             .await
-            .map_err(|e| OpenError::Connect(e.to_string()))?;
+            .map_err(|e| OpenError::Connect(with_causes(&e)))?;
         let driver = tokio::spawn(connection);
         let migrated = migrate::run(&client, &options).await;
         drop(client);
@@ -151,13 +167,13 @@ impl PgStore {
 
         let node = format!("{:016x}", rand::random::<u64>());
         let channel = listen::channel_name(options.schema.as_deref());
-        let bus = Bus::start(options.pg.clone(), channel, node)
+        let bus = Bus::start(options.pg.clone(), tls.clone(), channel, node)
             .await
-            .map_err(|e| OpenError::Connect(e.to_string()))?;
+            .map_err(|e| OpenError::Connect(with_causes(&e)))?;
 
         let manager = Manager::from_config(
             options.pg.clone(),
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -169,7 +185,7 @@ impl PgStore {
             .recycle_timeout(Some(config::POOL_WAIT))
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|e| OpenError::Connect(e.to_string()))?;
+            .map_err(|e| OpenError::Connect(with_causes(&e)))?;
         let inner = Arc::new(Inner {
             pool,
             retry: opts.retry,

@@ -43,7 +43,8 @@ use coatcheck_store::RemoteChange;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Client, Notification};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::sql;
 
@@ -192,16 +193,18 @@ impl Bus {
     /// Fails if the first connection cannot be made.
     pub async fn start(
         pg: tokio_postgres::Config,
+        tls: MakeRustlsConnect,
         channel: String,
         node: String,
     ) -> Result<Bus, tokio_postgres::Error> {
-        let conn = Conn::open(&pg, &channel).await?;
+        let conn = Conn::open(&pg, &tls, &channel).await?;
         let (out, out_rx) = mpsc::unbounded_channel();
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(
             Runner {
                 pg,
+                tls,
                 channel,
                 node,
                 feed: feed.clone(),
@@ -259,9 +262,10 @@ struct Conn {
 impl Conn {
     async fn open(
         pg: &tokio_postgres::Config,
+        tls: &MakeRustlsConnect,
         channel: &str,
     ) -> Result<Conn, tokio_postgres::Error> {
-        let (client, mut connection) = pg.connect(NoTls).await?;
+        let (client, mut connection) = pg.connect(tls.clone()).await?;
         let (tx, incoming) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             loop {
@@ -295,6 +299,7 @@ impl Conn {
 
 struct Runner {
     pg: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     channel: String,
     node: String,
     feed: broadcast::Sender<RemoteChange>,
@@ -316,7 +321,7 @@ impl Runner {
         loop {
             let c = match conn.take() {
                 Some(c) => c,
-                None => match Conn::open(&self.pg, &self.channel).await {
+                None => match Conn::open(&self.pg, &self.tls, &self.channel).await {
                     Ok(c) => {
                         tracing::info!("the LISTEN connection is back; every waiter re-checks");
                         backoff = Duration::from_millis(100);

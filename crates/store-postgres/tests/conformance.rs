@@ -457,3 +457,95 @@ async fn the_batched_update_uses_the_primary_key_even_on_an_empty_table() {
     drop(client);
     coatcheck_store::Store::store_close(&store).await;
 }
+
+/// TLS to the database (`sslmode=` in the store URL), against the local
+/// PostgreSQL, which offers TLS with a self-signed certificate.
+mod tls {
+    use coatcheck_core::clock::truncate;
+    use coatcheck_store::{RequestRef, Store, StoreOptions, SubmitParams, Submitted};
+    use coatcheck_store_postgres::config::PgOptions;
+    use coatcheck_store_postgres::testing::TestSchema;
+    use coatcheck_store_postgres::PgStore;
+
+    /// `(ssl, application_name)` of every session of the test database
+    /// that this schema's store opened (its URL names the schema as the
+    /// application), seen from a connection of the same URL.
+    async fn sessions(url: &str) -> Vec<(bool, String)> {
+        let o = PgOptions::parse(url).expect("a valid URL");
+        let tls = coatcheck_store_postgres::tls::connector(&o.tls).expect("a connector");
+        let (client, conn) = o.pg.connect(tls).await.expect("connect");
+        let driver = tokio::spawn(conn);
+        let rows = client
+            .query(
+                "SELECT s.ssl, a.application_name FROM pg_stat_ssl s \
+                 JOIN pg_stat_activity a ON a.pid = s.pid \
+                 WHERE a.application_name = $1",
+                &[&o.pg.get_application_name().unwrap_or_default()],
+            )
+            .await
+            .expect("pg_stat_ssl");
+        drop(client);
+        let _ = driver.await;
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+
+    #[tokio::test]
+    async fn require_encrypts_every_connection_of_the_store() {
+        let schema = TestSchema::create().await;
+        let url = schema.url_with("sslmode=require&pool_size=2");
+        let store = PgStore::open(&url, StoreOptions::default())
+            .await
+            .expect("open over TLS");
+        let new = coatcheck_store::conformance::new_request("q-tls");
+        let id = match store
+            .request_submit(SubmitParams {
+                new,
+                idempotency: None,
+                now: truncate(chrono::Utc::now()),
+            })
+            .await
+            .expect("submit over TLS")
+        {
+            Submitted::Created(r) => r.id,
+            Submitted::Replayed(r) => panic!("replayed {}", r.id),
+        };
+        let got = store.request_get(RequestRef::any(&id)).await.expect("get");
+        assert_eq!(got.queue, "q-tls");
+        // The listener, the pooled connections and this one: all encrypted.
+        let seen = sessions(&url).await;
+        assert!(seen.len() >= 2, "{seen:?}");
+        assert!(seen.iter().all(|(ssl, _)| *ssl), "{seen:?}");
+        store.store_close().await;
+        // Without sslmode, nothing changes: plain TCP, as before.
+        let plain = schema.url();
+        let store = PgStore::open(&plain, StoreOptions::default())
+            .await
+            .expect("open");
+        let seen = sessions(&plain).await;
+        assert!(seen.iter().all(|(ssl, _)| !*ssl), "{seen:?}");
+        store.store_close().await;
+    }
+
+    #[tokio::test]
+    async fn verify_full_refuses_a_certificate_it_cannot_check() {
+        let schema = TestSchema::create().await;
+        // The local server's certificate is self-signed: not under the
+        // public roots.
+        let err = PgStore::open(
+            &schema.url_with("sslmode=verify-full"),
+            StoreOptions::default(),
+        )
+        .await
+        .expect_err("an unverifiable certificate is refused");
+        let msg = err.to_string();
+        assert!(msg.contains("certificate"), "{msg}");
+        // An sslrootcert that cannot be read is a clear error too.
+        let err = PgStore::open(
+            &schema.url_with("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"),
+            StoreOptions::default(),
+        )
+        .await
+        .expect_err("no such root file");
+        assert!(err.to_string().contains("sslrootcert"), "{err}");
+    }
+}
