@@ -764,12 +764,11 @@ impl Writer<'_> {
                 0
             };
             let weight = p.fairness.weight(&key);
-            let turn = if alone {
+            let mut take = if alone {
                 need
             } else {
                 ((weight - already) as usize).min(need)
             };
-            let mut take = turn;
             if let Some(cap) = p.fairness.cap(&key) {
                 let running: i64 = self
                     .one(sql::KEY_RUNNING, rusqlite::params![p.queue, key])?
