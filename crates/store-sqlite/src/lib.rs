@@ -165,13 +165,16 @@ impl SqliteStore {
 
     async fn write<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Cmd) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        {
-            let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-            let sender = guard.as_ref().ok_or_else(closed)?;
-            sender.send(make(tx)).map_err(|_| closed())?;
-        }
+        send(&self.tx, make(tx))?;
         rx.await.map_err(|_| closed())?
     }
+}
+
+/// Hands `cmd` to the writer; a closed store refuses it.
+fn send(writer: &Mutex<Option<mpsc::Sender<Cmd>>>, cmd: Cmd) -> Result<()> {
+    let guard = writer.lock().unwrap_or_else(|e| e.into_inner());
+    let sender = guard.as_ref().ok_or_else(closed)?;
+    sender.send(cmd).map_err(|_| closed())
 }
 
 /// A parked claim's way to the writer; it does not keep a closed store's
@@ -183,11 +186,11 @@ struct Park {
 }
 
 impl Park {
+    /// A closed store drops `cmd` (and with it a parked claim's answer
+    /// sender, so its waiter hears that the store closed).
     fn send(&self, cmd: Cmd) {
-        if let Some(tx) = self.writer.upgrade() {
-            if let Some(sender) = tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                let _ = sender.send(cmd);
-            }
+        if let Some(writer) = self.writer.upgrade() {
+            let _ = send(&writer, cmd);
         }
     }
 }
