@@ -34,9 +34,15 @@
 //!
 //! Each program runs in a process group of its own, so a cancel reaches
 //! whatever it started too. Processes it leaves running in the background
-//! after it exits are not waited for. If the worker itself is killed with
-//! SIGKILL, its programs are not (their leases run out and the requests
-//! are retried elsewhere).
+//! after it exits are not waited for.
+//!
+//! If the worker itself dies without a word (SIGKILL, the OOM killer), each
+//! program it started gets SIGKILL from the kernel (Linux's parent-death
+//! signal), so no orphan keeps working on a request whose lease will run out
+//! and be retried elsewhere. Only the program itself is reached that way,
+//! not what it started in turn: a program that starts others should `exec`
+//! its last command, or run under a supervisor that kills its whole group
+//! (systemd's `KillMode=control-group`, a container).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -304,6 +310,29 @@ fn signal_group(pgid: i32, sig: Signal) {
     }
 }
 
+/// Asks the kernel to SIGKILL the program when the thread that spawns it
+/// ends (Linux's parent-death signal). That thread is a runtime worker
+/// thread (`run_one` is never run on the blocking pool), which lives as long
+/// as the worker process: so the program dies with the worker, however the
+/// worker dies. A worker that died between the fork and this call is seen
+/// as a changed parent, and the program does not start.
+#[allow(unsafe_code)]
+fn die_with_this_thread(cmd: &mut tokio::process::Command) {
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the forked child before exec. It only
+    // makes two system calls and builds errors from plain numbers: no
+    // allocation, no lock, as a child of a multi-threaded process requires.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            if rustix::process::getppid() != Some(parent) {
+                return Err(rustix::io::Errno::SRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Serializes spawns: while one child is being spawned, its progress pipe
 /// is inheritable, and no other child may inherit it.
 static SPAWN: Mutex<()> = Mutex::new(());
@@ -357,6 +386,7 @@ impl Runner {
             Some(c) => cmd.env("COATCHECK_CORRELATION_ID", c),
             None => cmd.env_remove("COATCHECK_CORRELATION_ID"),
         };
+        die_with_this_thread(&mut cmd);
         let spawned = {
             let _one_at_a_time = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
             let spawned = cmd.spawn();

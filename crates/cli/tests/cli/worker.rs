@@ -458,3 +458,39 @@ async fn a_second_signal_stops_at_once_and_kills_the_scripts() {
     }
     assert!(!alive(pid));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_takes_its_programs_with_it() {
+    let s = server().await;
+    let c = client(&s);
+    let dir = tempfile::tempdir().unwrap();
+    // `exec`: the program itself (not a child of the shell) is the one that
+    // runs on, as a long job would.
+    let script = format!(
+        r#"cat >/dev/null; echo $$ > {dir}/child; exec sleep 300"#,
+        dir = dir.path().display()
+    );
+    let mut w = WorkerProc::start(&s, "orphans", &["--lease", "2"], &script);
+    let sub = c.submit("orphans", &1).send().await.unwrap();
+    let child = read_pid(&dir.path().join("child")).await;
+    assert!(alive(child));
+    w.signal("-KILL");
+    let st = w.child.wait().unwrap();
+    assert!(!st.success(), "the worker was killed: {st:?}");
+    let until = Instant::now() + Duration::from_secs(10);
+    while alive(child) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !alive(child),
+        "the program ({child}) died with its worker instead of running on as an orphan"
+    );
+    // Its request is not lost: the lease runs out and the next worker runs it.
+    let _w2 = WorkerProc::start(&s, "orphans", &[], r#"cat >/dev/null; echo '"second"'"#);
+    let r = c
+        .wait(sub.id(), Some(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(r.output.as_ref().map(|o| o.get()), Some("\"second\""));
+}
