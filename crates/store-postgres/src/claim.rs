@@ -255,6 +255,7 @@ impl Inner {
                     let mut got = VecDeque::with_capacity(rows.len());
                     for row in &rows {
                         let mut req = sql::row_to_request(row)?;
+                        batch.loaded(&req);
                         if let Ok(events) =
                             rules::claim(&mut req, &p.worker_id, p.lease, new_lease_token(), now)
                         {

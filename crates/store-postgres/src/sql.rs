@@ -20,6 +20,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../migrations/0001_init.sql")),
     (2, "replies", include_str!("../migrations/0002_replies.sql")),
     (3, "secrets", include_str!("../migrations/0003_secrets.sql")),
+    (
+        4,
+        "queue_counts",
+        include_str!("../migrations/0004_queue_counts.sql"),
+    ),
 ];
 
 // ---------------------------------------------------------------- migrations
@@ -188,7 +193,10 @@ pub const INSERT_REQUESTS: &str = "WITH k AS (\
     SELECT id, tenant, queue, status, priority, attempts, max_attempts, cancel_requested, \
         correlation_id, error, fallback_queue, fallback_of, fallback_request_id, fairness_key, \
         created_at, updated_at, run_after, deadline, finished_at, history_seq, idempotency_key \
-    FROM v ORDER BY n RETURNING id), \
+    FROM v ORDER BY n RETURNING id, queue, status), \
+  c AS (INSERT INTO queue_counts (queue, status, slot, n) \
+    SELECT queue, status, pg_backend_pid(), count(*) FROM r GROUP BY queue, status \
+    ON CONFLICT (queue, status, slot) DO UPDATE SET n = queue_counts.n + excluded.n), \
   p AS (INSERT INTO request_payloads (id, input, reply_to, metadata) \
     SELECT * FROM unnest($1::text[], $21::text[], $22::text[], $23::text[]) AS x(id, input, reply_to, metadata) \
     WHERE x.id IN (SELECT id FROM v)), \
@@ -250,16 +258,34 @@ pub const DUE_TIMES: &str = "SELECT \
     (SELECT min(visible_at) FROM channel_messages WHERE deliveries > 0 AND visible_at > $1), \
     (SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending')";
 
-pub const QUEUE_COUNTS: &str =
-    "SELECT queue, status, count(*) FROM requests GROUP BY queue, status ORDER BY queue";
+/// Requests per queue and status: the sum of every connection's slot.
+pub const QUEUE_COUNTS: &str = "SELECT queue, status, sum(n)::bigint FROM queue_counts \
+    GROUP BY queue, status HAVING sum(n) <> 0 ORDER BY queue";
+
+/// Adds to the counts of this connection's slot (`$1` queues, `$2`
+/// statuses, `$3` changes; each pair at most once).
+pub const ADD_QUEUE_COUNTS: &str = "INSERT INTO queue_counts (queue, status, slot, n) \
+    SELECT q, s, pg_backend_pid(), d FROM unnest($1::text[], $2::text[], $3::bigint[]) AS x(q, s, d) \
+    ON CONFLICT (queue, status, slot) DO UPDATE SET n = queue_counts.n + excluded.n";
+
+/// Moves the counts of connections that are gone into slot 0 (so the table
+/// does not keep a row per connection ever opened).
+pub const FOLD_QUEUE_COUNTS: &str = "WITH gone AS (\
+    DELETE FROM queue_counts WHERE slot <> 0 \
+      AND slot NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL) \
+    RETURNING queue, status, n) \
+  INSERT INTO queue_counts (queue, status, slot, n) \
+    SELECT queue, status, 0, sum(n) FROM gone GROUP BY queue, status \
+  ON CONFLICT (queue, status, slot) DO UPDATE SET n = queue_counts.n + excluded.n";
 
 pub const QUEUE_OLDEST_READY: &str =
     "SELECT queue, min(coalesce(run_after, created_at)) FROM requests \
     WHERE status = 'queued' AND (run_after IS NULL OR run_after <= $1) GROUP BY queue";
 
 /// Retention: deletes up to `$2` requests that finished before `$1` — their
-/// row, payloads, history and idempotency key — in one statement. Rows
-/// another node is deleting are skipped.
+/// row, payloads, history and idempotency key, and their queue counts — in
+/// one statement that answers how many. Rows another node is deleting are
+/// skipped.
 pub const PURGE_FINISHED: &str = "WITH doomed AS (\
     SELECT id, tenant, idempotency_key FROM requests \
     WHERE finished_at IS NOT NULL AND finished_at < $1 \
@@ -268,8 +294,12 @@ pub const PURGE_FINISHED: &str = "WITH doomed AS (\
   p AS (DELETE FROM request_payloads x USING doomed d WHERE x.id = d.id), \
   h AS (DELETE FROM history x USING doomed d WHERE x.request_id = d.id), \
   k AS (DELETE FROM idempotency_keys x USING doomed d \
-        WHERE x.tenant = d.tenant AND x.key = d.idempotency_key) \
-  DELETE FROM requests x USING doomed d WHERE x.id = d.id";
+        WHERE x.tenant = d.tenant AND x.key = d.idempotency_key), \
+  gone AS (DELETE FROM requests x USING doomed d WHERE x.id = d.id RETURNING x.queue, x.status), \
+  c AS (INSERT INTO queue_counts (queue, status, slot, n) \
+    SELECT queue, status, pg_backend_pid(), -count(*) FROM gone GROUP BY queue, status \
+    ON CONFLICT (queue, status, slot) DO UPDATE SET n = queue_counts.n + excluded.n) \
+  SELECT count(*) FROM gone";
 
 /// A page of requests, newest first: the fixed text for one combination of
 /// filters (at most 32 distinct statements, each prepared once per connection).

@@ -18,7 +18,7 @@ use coatcheck_core::clock::{add, truncate};
 use coatcheck_core::model::{new_lease_token, new_request_id};
 use coatcheck_core::rules::{self, CancelOutcome};
 use coatcheck_core::wire::ChannelMessage;
-use coatcheck_core::{HistoryEvent, ReplyTo, Request, Ts};
+use coatcheck_core::{HistoryEvent, ReplyTo, Request, Status, Ts};
 use coatcheck_store::{
     Changed, ChannelReceiveParams, HeartbeatParams, RequestRef, Result, SettleParams, Settlement,
     StoreError, SubmitParams, Submitted, WebhookDelivery, WebhookOutcome,
@@ -32,11 +32,13 @@ use crate::sql::{self, History, NewRow, PayloadUpdates, Updates};
 use crate::tx::{Tx, Write};
 use crate::Inner;
 
-/// The payloads of a request as loaded, to tell whether a transition
-/// changed them (most do not, and then `request_payloads` is not written).
+/// A request as loaded: its payloads, to tell whether a transition changed
+/// them (most do not, and then `request_payloads` is not written), and its
+/// status, for the queue counts.
 struct Payloads {
     output: Option<Box<RawValue>>,
     progress: Option<Box<RawValue>>,
+    status: Status,
 }
 
 impl Payloads {
@@ -44,6 +46,7 @@ impl Payloads {
         Payloads {
             output: req.output.clone(),
             progress: req.progress.clone(),
+            status: req.status,
         }
     }
 
@@ -74,9 +77,30 @@ pub(crate) struct Batch {
     history: History,
     inserts: Vec<NewRow>,
     replies: Vec<ReplyRow>,
+    /// Changes to the queue counts: (queue, status, change).
+    counts: Vec<(String, Status, i64)>,
 }
 
 impl Batch {
+    /// Records a request as loaded, before any rule changes it (the first
+    /// load counts, if a batch loads one twice).
+    pub(crate) fn loaded(&mut self, req: &Request) {
+        self.before
+            .entry(req.id.clone())
+            .or_insert_with(|| Payloads::of(req));
+    }
+
+    fn count(&mut self, queue: &str, status: Status, by: i64) {
+        match self
+            .counts
+            .iter_mut()
+            .find(|(q, s, _)| *s == status && q == queue)
+        {
+            Some((_, _, n)) => *n += by,
+            None => self.counts.push((queue.to_string(), status, by)),
+        }
+    }
+
     /// Records a changed request and its new events.
     pub(crate) fn update(&mut self, req: &Request, events: &[HistoryEvent]) -> Result<()> {
         self.history.push(&req.id, events)?;
@@ -93,6 +117,7 @@ impl Batch {
     /// Records a new request (a fallback) and its events.
     fn insert(&mut self, req: &Request, events: &[HistoryEvent]) -> Result<()> {
         self.inserts.push(NewRow::new(req, events, None)?);
+        self.count(&req.queue, req.status, 1);
         Ok(())
     }
 
@@ -109,15 +134,37 @@ impl Batch {
     }
 
     /// Writes everything and commits.
-    pub(crate) async fn commit(self, tx: Tx) -> Result<()> {
+    pub(crate) async fn commit(mut self, tx: Tx) -> Result<()> {
         let mut updates = Updates::default();
         let mut payloads = PayloadUpdates::default();
+        let mut moved = Vec::new();
         for req in &self.changed {
             updates.push(req)?;
-            if self.before.get(&req.id).is_some_and(|b| b.changed_in(req)) {
-                payloads.push(req);
+            match self.before.get(&req.id) {
+                Some(b) => {
+                    if b.changed_in(req) {
+                        payloads.push(req);
+                    }
+                    if b.status != req.status {
+                        moved.push((req.queue.clone(), b.status, req.status));
+                    }
+                }
+                None => {
+                    return Err(internal(format!(
+                        "request {} changed without being recorded as loaded",
+                        req.id
+                    )))
+                }
             }
         }
+        for (queue, was, is) in moved {
+            self.count(&queue, was, -1);
+            self.count(&queue, is, 1);
+        }
+        self.counts.retain(|(_, _, n)| *n != 0);
+        let count_queues: Vec<&str> = self.counts.iter().map(|(q, _, _)| q.as_str()).collect();
+        let count_statuses: Vec<&str> = self.counts.iter().map(|(_, s, _)| s.as_str()).collect();
+        let count_changes: Vec<i64> = self.counts.iter().map(|(_, _, n)| *n).collect();
         let update_params = updates.params();
         let payload_write = payloads.write();
         let history_params = self.history.params();
@@ -136,6 +183,12 @@ impl Batch {
         }
         if !self.history.is_empty() {
             writes.push((sql::INSERT_HISTORY, history_params.to_vec()));
+        }
+        if !count_changes.is_empty() {
+            writes.push((
+                sql::ADD_QUEUE_COUNTS,
+                vec![&count_queues, &count_statuses, &count_changes],
+            ));
         }
         let insert_params: Vec<_> = self.inserts.iter().map(|r| r.params()).collect();
         for p in insert_params {
@@ -246,7 +299,7 @@ impl Inner {
         let res = async {
             let mut req = scoped(self.lock(&mut tx, &r.id).await?, &r)?;
             let mut batch = Batch::default();
-            batch.before.insert(req.id.clone(), Payloads::of(&req));
+            batch.loaded(&req);
             let (out, events) = rule(&mut req)?;
             let changed = self.after_transition(&mut batch, req, events, now)?;
             Ok((out, changed, batch))
@@ -358,7 +411,7 @@ impl Inner {
                 Ok(r) => r,
                 Err(e) => return tx.end(Err(e)).await,
             };
-            batch.before.insert(req.id.clone(), Payloads::of(&req));
+            batch.loaded(&req);
             current.insert(req.id.clone(), req);
         }
         let mut out = Vec::with_capacity(items.len());
@@ -443,7 +496,7 @@ impl Inner {
                 Ok(r) => r,
                 Err(e) => return tx.end(Err(e)).await,
             };
-            batch.before.insert(req.id.clone(), Payloads::of(&req));
+            batch.loaded(&req);
             if let Ok(events) = rule(&mut req, now) {
                 out.push(self.after_transition(&mut batch, req, events, now)?);
             }
@@ -600,9 +653,10 @@ impl Inner {
             };
             let request_id: String = row.try_get(0).map_err(internal)?;
             let mut req = self.lock(&mut tx, &request_id).await?;
+            let mut batch = Batch::default();
+            batch.loaded(&req);
             let kind = o.history_event(next);
             let events = rules::record(&mut req, kind, now);
-            let mut batch = Batch::default();
             batch.update(&req, &events)?;
             Ok(Some(batch))
         }
@@ -621,10 +675,19 @@ impl Inner {
             .prepare_cached(sql::PURGE_FINISHED)
             .await
             .map_err(classify)?;
-        client
-            .execute(&stmt, &[&before, &(limit as i64)])
+        let row = client
+            .query_one(&stmt, &[&before, &(limit as i64)])
             .await
-            .map_err(classify)
+            .map_err(classify)?;
+        let purged: i64 = row.try_get(0).map_err(internal)?;
+        // Retention runs on every node now and then: a good time to fold the
+        // count rows of connections that are gone.
+        let fold = client
+            .prepare_cached(sql::FOLD_QUEUE_COUNTS)
+            .await
+            .map_err(classify)?;
+        client.execute(&fold, &[]).await.map_err(classify)?;
+        Ok(purged as u64)
     }
 }
 

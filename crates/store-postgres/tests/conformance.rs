@@ -414,6 +414,194 @@ mod shared {
     }
 }
 
+/// A plain connection to the store's database and schema, for what a test
+/// checks behind the store's back.
+async fn raw(store: &PgStore) -> tokio_postgres::Client {
+    let (client, conn) = store
+        .options()
+        .pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+/// Queue counts are kept per connection: rows of connections that are gone
+/// fold into one at retention, and the counts stay exact — also when two
+/// nodes write at once, and for rows that were there before the counts
+/// (the migration counts them once).
+mod queue_counts {
+    use std::time::Duration;
+
+    use coatcheck_core::clock::truncate;
+    use coatcheck_core::Status;
+    use coatcheck_store::{
+        ClaimParams, SettleParams, Settlement, Store, StoreOptions, SubmitParams,
+    };
+    use coatcheck_store_postgres::testing::TestSchema;
+    use coatcheck_store_postgres::PgStore;
+    use serde_json::value::RawValue;
+
+    async fn open(url: &str) -> PgStore {
+        PgStore::open(url, StoreOptions::default())
+            .await
+            .expect("open the store")
+    }
+
+    async fn submit(store: &PgStore, queue: &str) {
+        let mut new = coatcheck_store::conformance::new_request(queue);
+        new.id = coatcheck_core::model::new_request_id();
+        store
+            .request_submit(SubmitParams {
+                new,
+                idempotency: None,
+                now: truncate(chrono::Utc::now()),
+            })
+            .await
+            .expect("submit");
+    }
+
+    async fn counts(store: &PgStore, queue: &str) -> Vec<(Status, u64)> {
+        let stats = store
+            .queue_stats(truncate(chrono::Utc::now()))
+            .await
+            .expect("stats");
+        let mut c = stats
+            .into_iter()
+            .find(|q| q.queue == queue)
+            .map(|q| q.counts)
+            .unwrap_or_default();
+        c.sort();
+        c
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_of_closed_connections_fold_into_one() {
+        let schema = TestSchema::create().await;
+        let a = open(&schema.url_with("pool_size=2")).await;
+        for _ in 0..3 {
+            submit(&a, "fold").await;
+        }
+        a.store_close().await;
+        let b = open(&schema.url()).await;
+        let client = super::raw(&b).await;
+        let slots = |q: &'static str| {
+            let client = &client;
+            async move {
+                let rows = client
+                    .query(
+                        "SELECT slot, n FROM queue_counts WHERE queue = $1 ORDER BY slot",
+                        &[&q],
+                    )
+                    .await
+                    .expect("slots");
+                rows.iter()
+                    .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let before = slots("fold").await;
+        assert!(
+            before.iter().all(|(slot, _)| *slot != 0),
+            "the first node wrote to its connections' slots: {before:?}"
+        );
+        assert_eq!(before.iter().map(|(_, n)| n).sum::<i64>(), 3);
+        // Retention (nothing to delete here) folds what closed connections left.
+        b.request_purge(truncate(chrono::Utc::now()), 10)
+            .await
+            .expect("purge");
+        assert_eq!(slots("fold").await, vec![(0, 3)]);
+        assert_eq!(counts(&b, "fold").await, vec![(Status::Queued, 3)]);
+        b.store_close().await;
+    }
+
+    /// Ten rounds of: ten submits at once, a claim of seven, five completes.
+    async fn work(store: &PgStore) {
+        for round in 0..10 {
+            let subs: Vec<_> = (0..10).map(|_| submit(store, "both")).collect();
+            futures::future::join_all(subs).await;
+            let now = truncate(chrono::Utc::now());
+            let claimed = store
+                .request_claim(ClaimParams {
+                    fairness: Default::default(),
+                    queue: "both".into(),
+                    worker_id: format!("w{round}"),
+                    max: 7,
+                    lease: Duration::from_secs(60),
+                    now,
+                })
+                .await
+                .expect("claim");
+            let items = claimed
+                .iter()
+                .take(5)
+                .map(|r| SettleParams {
+                    id: r.id.clone(),
+                    queue: None,
+                    lease_token: r.lease.as_ref().expect("leased").token.clone(),
+                    settlement: Settlement::Complete {
+                        output: RawValue::from_string("1".into()).unwrap(),
+                    },
+                })
+                .collect();
+            store.request_settle_many(items, now).await.expect("settle");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_writing_at_once_keep_them_exact() {
+        let schema = TestSchema::create().await;
+        let nodes = [open(&schema.url()).await, open(&schema.url()).await];
+        tokio::join!(work(&nodes[0]), work(&nodes[1]));
+        let client = super::raw(&nodes[0]).await;
+        let mut truth: Vec<(Status, u64)> = client
+            .query(
+                "SELECT status, count(*) FROM requests WHERE queue = 'both' GROUP BY status",
+                &[],
+            )
+            .await
+            .expect("truth")
+            .iter()
+            .map(|r| {
+                (
+                    Status::parse(r.get::<_, &str>(0)).expect("status"),
+                    r.get::<_, i64>(1) as u64,
+                )
+            })
+            .collect();
+        truth.sort();
+        assert_eq!(counts(&nodes[0], "both").await, truth);
+        assert_eq!(counts(&nodes[1], "both").await, truth);
+        let total: u64 = truth.iter().map(|(_, n)| n).sum();
+        assert_eq!(total, 200);
+        for n in &nodes {
+            n.store_close().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_migration_counts_the_requests_already_there() {
+        let schema = TestSchema::create().await;
+        let store = open(&schema.url()).await;
+        for _ in 0..4 {
+            submit(&store, "old").await;
+        }
+        // As a database of the previous version was: no counts yet.
+        let client = super::raw(&store).await;
+        client
+            .batch_execute(
+                "DROP TABLE queue_counts; DELETE FROM schema_migrations WHERE version = 4",
+            )
+            .await
+            .expect("back to version 3");
+        store.store_close().await;
+        let store = open(&schema.url()).await;
+        assert_eq!(counts(&store, "old").await, vec![(Status::Queued, 4)]);
+        store.store_close().await;
+    }
+}
+
 /// The generic plan PostgreSQL keeps for a prepared statement must not scan
 /// the whole table just because the table was small when it was planned:
 /// on a fresh, empty schema, the batched row update still finds its rows by
@@ -425,13 +613,7 @@ async fn the_batched_update_uses_the_primary_key_even_on_an_empty_table() {
     let store = PgStore::open(&schema.url(), StoreOptions::default())
         .await
         .expect("open the store");
-    let (client, conn) = store
-        .options()
-        .pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
+    let client = raw(&store).await;
     client
         .batch_execute("SET plan_cache_mode = force_generic_plan")
         .await

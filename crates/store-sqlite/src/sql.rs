@@ -14,6 +14,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_fairness.sql"),
     include_str!("../migrations/0004_secrets.sql"),
     include_str!("../migrations/0005_retention.sql"),
+    include_str!("../migrations/0006_queue_counts.sql"),
 ];
 
 const COLUMNS: &str = "id, tenant, queue, status, priority, attempts, max_attempts, cancel_requested, \
@@ -39,7 +40,10 @@ pub struct Hot<'c> {
     insert: std::cell::RefCell<rusqlite::Statement<'c>>,
     update: std::cell::RefCell<rusqlite::Statement<'c>>,
     history: std::cell::RefCell<rusqlite::Statement<'c>>,
+    count: std::cell::RefCell<rusqlite::Statement<'c>>,
     recent: std::cell::RefCell<Recent>,
+    /// Changes to `queue_counts` not written yet: (queue, status, change).
+    counts: std::cell::RefCell<Vec<(String, Status, i64)>>,
 }
 
 impl<'c> Hot<'c> {
@@ -50,8 +54,38 @@ impl<'c> Hot<'c> {
             insert: conn.prepare(INSERT)?.into(),
             update: conn.prepare(UPDATE)?.into(),
             history: conn.prepare(INSERT_HISTORY)?.into(),
+            count: conn.prepare(ADD_QUEUE_COUNT)?.into(),
             recent: Default::default(),
+            counts: Default::default(),
         })
+    }
+
+    /// Notes that `queue` has `by` more (or fewer) requests in `status`.
+    pub fn count(&self, queue: &str, status: Status, by: i64) {
+        let mut counts = self.counts.borrow_mut();
+        match counts
+            .iter_mut()
+            .find(|(q, s, _)| *s == status && q == queue)
+        {
+            Some((_, _, n)) => *n += by,
+            None => counts.push((queue.to_string(), status, by)),
+        }
+    }
+
+    /// Writes the noted count changes into `queue_counts`, in the open
+    /// transaction. Called before every commit and every savepoint, so a
+    /// rollback (to a savepoint, or of everything) only ever has to drop the
+    /// changes noted since: [`Hot::forget`] does.
+    pub fn flush_counts(&self) -> Result<()> {
+        let mut counts = self.counts.borrow_mut();
+        let mut stmt = self.count.borrow_mut();
+        for (queue, status, n) in counts.drain(..) {
+            if n != 0 {
+                stmt.execute(rusqlite::params![queue, status.as_str(), n])
+                    .map_err(classify)?;
+            }
+        }
+        Ok(())
     }
 
     /// Loads one request by id.
@@ -65,15 +99,21 @@ impl<'c> Hot<'c> {
     /// Inserts a new request.
     pub fn insert(&self, req: &Request, idem: Option<(&str, &str)>) -> Result<()> {
         insert_with(&mut self.insert.borrow_mut(), req, idem)?;
+        self.count(&req.queue, req.status, 1);
         self.recent.borrow_mut().wrote(req);
         Ok(())
     }
 
-    /// Writes back everything a transition may have changed.
-    pub fn update(&self, req: &Request) -> Result<()> {
+    /// Writes back everything a transition may have changed; `was` is the
+    /// status it had when loaded.
+    pub fn update(&self, was: Status, req: &Request) -> Result<()> {
         if let Err(e) = update_with(&mut self.update.borrow_mut(), req) {
             self.recent.borrow_mut().remove(&req.id);
             return Err(e);
+        }
+        if was != req.status {
+            self.count(&req.queue, was, -1);
+            self.count(&req.queue, req.status, 1);
         }
         self.recent.borrow_mut().wrote(req);
         Ok(())
@@ -88,6 +128,7 @@ impl<'c> Hot<'c> {
     /// them was rolled back.
     pub fn forget(&self) {
         self.recent.borrow_mut().clear();
+        self.counts.borrow_mut().clear();
     }
 }
 
@@ -225,7 +266,12 @@ pub const NEXT_RUN_AFTER: &str = "SELECT min(run_after) FROM requests WHERE stat
     AND run_after IS NOT NULL AND run_after > ?1";
 
 pub const QUEUE_COUNTS: &str =
-    "SELECT queue, status, count(*) FROM requests GROUP BY queue, status ORDER BY queue";
+    "SELECT queue, status, n FROM queue_counts WHERE n <> 0 ORDER BY queue";
+
+/// Adds to a queue's count of one status (see [`Hot::flush_counts`]).
+pub const ADD_QUEUE_COUNT: &str =
+    "INSERT INTO queue_counts (queue, status, n) VALUES (?1, ?2, ?3) \
+    ON CONFLICT (queue, status) DO UPDATE SET n = n + excluded.n";
 
 pub const QUEUE_OLDEST_READY: &str =
     "SELECT queue, min(coalesce(run_after, created_at)) FROM requests \
@@ -587,7 +633,7 @@ pub const NEXT_WEBHOOK: &str =
     "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'";
 
 /// The oldest finished requests before `?1`, at most `?2`.
-pub const SELECT_PURGEABLE: &str = "SELECT id FROM requests WHERE finished_at IS NOT NULL \
+pub const SELECT_PURGEABLE: &str = "SELECT id, queue, status FROM requests WHERE finished_at IS NOT NULL \
     AND finished_at < ?1 AND status IN ('succeeded', 'failed', 'cancelled', 'expired') ORDER BY finished_at LIMIT ?2";
 
 pub const DELETE_REQUEST: &str = "DELETE FROM requests WHERE id = ?1";

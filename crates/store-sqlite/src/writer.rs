@@ -21,7 +21,7 @@ use coatcheck_core::model::{new_lease_token, new_request_id};
 use coatcheck_core::rules::{self, CancelOutcome};
 use coatcheck_core::wire::ChannelMessage;
 use coatcheck_core::ReplyTo;
-use coatcheck_core::{Request, RetryPolicy, Ts};
+use coatcheck_core::{Request, RetryPolicy, Status, Ts};
 use coatcheck_store::{
     Changed, ChannelReceiveParams, ClaimParams, HeartbeatParams, QueueWaker, RequestRef, Result,
     SettleParams, Settlement, StoreError, SubmitParams, Submitted, WebhookDelivery, WebhookOutcome,
@@ -357,7 +357,11 @@ impl Writer<'_> {
         }
         let woken = std::mem::take(&mut *self.claimable.borrow_mut());
         self.hand_over(&woken, &mut now);
-        if let Err(e) = self.conn.exec("COMMIT").map_err(sql::classify) {
+        let committed = self
+            .hot
+            .flush_counts()
+            .and_then(|()| self.conn.exec("COMMIT").map_err(sql::classify));
+        if let Err(e) = committed {
             self.hot.forget();
             let _ = self.conn.exec("ROLLBACK");
             for a in now.into_iter().chain(gated) {
@@ -518,6 +522,9 @@ impl Writer<'_> {
     /// Runs `f` inside a savepoint: if it fails, its writes are undone (and
     /// the writer forgets its copies of what it may have changed).
     fn in_savepoint<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        // Count changes noted so far belong to work that stays: written
+        // now, a rollback to this savepoint only drops its own.
+        self.hot.flush_counts()?;
         self.conn.exec("SAVEPOINT one").map_err(sql::classify)?;
         let res = f();
         let rollback = if res.is_ok() {
@@ -621,12 +628,17 @@ impl Writer<'_> {
         }
     }
 
-    /// Writes a transitioned request and its new events. Both are first
+    /// Writes a transitioned request (`was`: its status when loaded) and its new events. Both are first
     /// rounded to what is stored (see [`sql::as_stored`]), so the request
     /// the caller answers with equals the one a later read returns.
-    fn save(&self, req: &mut Request, events: &mut [coatcheck_core::HistoryEvent]) -> Result<()> {
+    fn save(
+        &self,
+        was: Status,
+        req: &mut Request,
+        events: &mut [coatcheck_core::HistoryEvent],
+    ) -> Result<()> {
         sql::as_stored(req, events);
-        self.hot.update(req)?;
+        self.hot.update(was, req)?;
         self.hot.insert_history(&req.id, events)
     }
 
@@ -791,10 +803,11 @@ impl Writer<'_> {
                 let Some(mut req) = self.hot.load(&id)? else {
                     continue;
                 };
+                let was = req.status;
                 if let Ok(mut events) =
                     rules::claim(&mut req, &p.worker_id, p.lease, new_lease_token(), p.now)
                 {
-                    self.save(&mut req, &mut events)?;
+                    self.save(was, &mut req, &mut events)?;
                     out.push(req);
                     got += 1;
                 }
@@ -841,8 +854,9 @@ impl Writer<'_> {
 
     fn heartbeat(&self, p: HeartbeatParams) -> Result<Changed> {
         let mut req = self.load(&RequestRef::any(p.id))?;
+        let was = req.status;
         let events = rules::heartbeat(&mut req, &p.lease_token, p.progress, p.extend, p.now)?;
-        self.after_transition(req, events, p.now)
+        self.after_transition(was, req, events, p.now)
     }
 
     fn settle_many(
@@ -854,6 +868,7 @@ impl Writer<'_> {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             if guarded {
+                self.hot.flush_counts()?;
                 self.conn.exec("SAVEPOINT item").map_err(sql::classify)?;
                 let res = self.settle(item.clone(), now);
                 if res.is_err() {
@@ -881,6 +896,7 @@ impl Writer<'_> {
         if item.queue.as_ref().is_some_and(|q| *q != req.queue) {
             return Err(StoreError::NotFound);
         }
+        let was = req.status;
         let events = match item.settlement {
             Settlement::Complete { output } => {
                 rules::complete(&mut req, &item.lease_token, output, now)?
@@ -900,7 +916,7 @@ impl Writer<'_> {
                 now,
             )?,
         };
-        self.after_transition(req, events, now)
+        self.after_transition(was, req, events, now)
     }
 
     /// Saves a transitioned request — and, in the same transaction, the
@@ -909,6 +925,7 @@ impl Writer<'_> {
     /// crash can never lose a reply, nor send one for an unrecorded outcome.
     fn after_transition(
         &self,
+        was: Status,
         mut req: Request,
         mut events: Vec<coatcheck_core::HistoryEvent>,
         now: Ts,
@@ -925,7 +942,7 @@ impl Writer<'_> {
             }
         }
         let reply = rules::reply(&mut req, &mut events, now);
-        self.save(&mut req, &mut events)?;
+        self.save(was, &mut req, &mut events)?;
         if let Some(r) = &reply {
             self.write_reply(&req, r, now)?;
         }
@@ -1083,12 +1100,17 @@ impl Writer<'_> {
     }
 
     fn purge(&self, before: Ts, limit: u32) -> Result<u64> {
-        let ids = sql::ids(
-            self.conn,
-            sql::SELECT_PURGEABLE,
-            rusqlite::params![to_micros(before), limit as i64],
-        )?;
-        for id in &ids {
+        let doomed: Vec<(String, String, String)> = self
+            .conn
+            .prepare_cached(sql::SELECT_PURGEABLE)
+            .and_then(|mut s| {
+                s.query_map(rusqlite::params![to_micros(before), limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect()
+            })
+            .map_err(sql::classify)?;
+        for (id, queue, status) in &doomed {
             for q in [
                 sql::DELETE_HISTORY,
                 sql::DELETE_SETTLED_WEBHOOKS,
@@ -1099,8 +1121,11 @@ impl Writer<'_> {
                     .and_then(|mut s| s.execute([id]))
                     .map_err(sql::classify)?;
             }
+            if let Some(status) = Status::parse(status) {
+                self.hot.count(queue, status, -1);
+            }
         }
-        Ok(ids.len() as u64)
+        Ok(doomed.len() as u64)
     }
 
     fn webhook_record(&self, o: WebhookOutcome) -> Result<()> {
@@ -1133,21 +1158,24 @@ impl Writer<'_> {
             .and_then(|mut s| s.query_row([&o.message_id], |r| r.get(0)))
             .map_err(sql::classify)?;
         let mut req = self.load(&RequestRef::any(request_id))?;
+        let was = req.status;
         let kind = o.history_event(o.next_attempt_at);
         let mut events = rules::record(&mut req, kind, o.now);
-        self.save(&mut req, &mut events)
+        self.save(was, &mut req, &mut events)
     }
 
     fn cancel(&self, r: RequestRef, now: Ts) -> Result<(CancelOutcome, Changed)> {
         let mut req = self.load(&r)?;
+        let was = req.status;
         let (outcome, events) = rules::cancel(&mut req, now)?;
-        Ok((outcome, self.after_transition(req, events, now)?))
+        Ok((outcome, self.after_transition(was, req, events, now)?))
     }
 
     fn redrive(&self, r: RequestRef, now: Ts) -> Result<Changed> {
         let mut req = self.load(&r)?;
+        let was = req.status;
         let events = rules::redrive(&mut req, now)?;
-        self.after_transition(req, events, now)
+        self.after_transition(was, req, events, now)
     }
 
     fn expire_leases(&self, now: Ts, limit: u32) -> Result<Vec<Changed>> {
@@ -1159,8 +1187,9 @@ impl Writer<'_> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let mut req = self.load(&RequestRef::any(id))?;
+            let was = req.status;
             if let Ok(events) = rules::expire_lease(&mut req, now) {
-                out.push(self.after_transition(req, events, now)?);
+                out.push(self.after_transition(was, req, events, now)?);
             }
         }
         Ok(out)
@@ -1175,8 +1204,9 @@ impl Writer<'_> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let mut req = self.load(&RequestRef::any(id))?;
+            let was = req.status;
             if let Ok(events) = rules::expire_deadline(&mut req, now) {
-                out.push(self.after_transition(req, events, now)?);
+                out.push(self.after_transition(was, req, events, now)?);
             }
         }
         Ok(out)

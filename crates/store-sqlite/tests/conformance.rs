@@ -193,3 +193,39 @@ mod parked {
         work_freed_in_the_parking_batch_is_handed_over,
     );
 }
+
+/// A store of the previous schema version (no queue counts yet) gets them
+/// counted from the requests already there when it is opened again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_counts_the_requests_already_there() {
+    use coatcheck_core::clock::truncate;
+    use coatcheck_core::Status;
+    use coatcheck_store::{Store, SubmitParams};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path(), StoreOptions::default()).expect("open");
+    for _ in 0..4 {
+        store
+            .request_submit(SubmitParams {
+                new: coatcheck_store::conformance::new_request("old"),
+                idempotency: None,
+                now: truncate(chrono::Utc::now()),
+            })
+            .await
+            .expect("submit");
+    }
+    store.store_close().await;
+    drop(store);
+    // As a database of the previous version was.
+    let conn = rusqlite::Connection::open(dir.path().join("coatcheck.db")).expect("db");
+    conn.execute_batch("DROP TABLE queue_counts; PRAGMA user_version = 5;")
+        .expect("back to version 5");
+    drop(conn);
+    let store = SqliteStore::open(dir.path(), StoreOptions::default()).expect("reopen");
+    let stats = store
+        .queue_stats(truncate(chrono::Utc::now()))
+        .await
+        .expect("stats");
+    let old = stats.iter().find(|q| q.queue == "old").expect("listed");
+    assert_eq!(old.counts, vec![(Status::Queued, 4)]);
+    store.store_close().await;
+}

@@ -220,6 +220,7 @@ macro_rules! conformance_suite {
             }
             stats {
                 queue_stats_counts_by_status,
+                queue_counts_match_the_requests_through_every_change,
                 due_times_report_the_earliest_lease_deadline_and_run_after,
             }
             channel {

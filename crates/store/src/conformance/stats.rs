@@ -4,7 +4,7 @@ use coatcheck_core::Status;
 
 use super::support::*;
 use super::{new_request, TENANT};
-use crate::{DueTimes, QueueCounts, RequestRef, Store};
+use crate::{DueTimes, ListParams, QueueCounts, RequestRef, Store};
 
 /// The count of `status` in `q` (missing is zero; listed at most once).
 fn count(q: &QueueCounts, status: Status) -> u64 {
@@ -94,6 +94,161 @@ pub async fn queue_stats_counts_by_status(store: &dyn Store) {
         [0, 1, 0, 0, 0, 0]
     );
     assert_eq!(q3.oldest_ready, None, "nothing is ready in q3");
+}
+
+/// What `queue_stats` counts must equal, read the slow way: every request,
+/// grouped by queue and status.
+async fn counted_the_slow_way(store: &dyn Store) -> Vec<(String, Status, u64)> {
+    let mut all = Vec::new();
+    let mut before_id = None;
+    loop {
+        let page = store
+            .request_list(ListParams {
+                tenant: None,
+                queue: None,
+                status: None,
+                correlation_id: None,
+                before_id: before_id.clone(),
+                limit: 500,
+            })
+            .await
+            .expect("list");
+        let Some(last) = page.last() else { break };
+        before_id = Some(last.id.clone());
+        all.extend(page);
+    }
+    let mut out: Vec<(String, Status, u64)> = Vec::new();
+    for r in all {
+        match out
+            .iter_mut()
+            .find(|(q, s, _)| *q == r.queue && *s == r.status)
+        {
+            Some((_, _, n)) => *n += 1,
+            None => out.push((r.queue.clone(), r.status, 1)),
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `queue_stats`, flattened the same way (zero counts left out).
+async fn counted_by_stats(
+    store: &dyn Store,
+    now: coatcheck_core::Ts,
+) -> Vec<(String, Status, u64)> {
+    let mut out: Vec<(String, Status, u64)> = Vec::new();
+    for q in store.queue_stats(now).await.expect("stats") {
+        for s in Status::ALL {
+            let n = count(&q, s);
+            if n > 0 {
+                out.push((q.queue.clone(), s, n));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Counts kept by the store (not counted at read time) stay equal to the
+/// requests themselves through every kind of change: submits, claims,
+/// completes, retries, dead letters and their fallbacks, cancels, lease
+/// and deadline expiry, redrives, refused calls and retention.
+pub async fn queue_counts_match_the_requests_through_every_change(store: &dyn Store) {
+    let t0 = base();
+    let check = |step: &'static str, now| async move {
+        assert_eq!(
+            counted_by_stats(store, now).await,
+            counted_the_slow_way(store).await,
+            "after {step}"
+        );
+    };
+    for i in 0..6 {
+        submit_to(store, "cq-a", at(t0, i)).await;
+    }
+    for i in 0..3 {
+        submit_to(store, "cq-b", at(t0, 10 + i)).await;
+    }
+    let mut fb = new_request("cq-a");
+    fb.max_attempts = 1;
+    fb.fallback_queue = Some("cq-fallback".into());
+    let fb = submit(store, fb, at(t0, 20)).await;
+    let mut doomed = new_request("cq-b");
+    doomed.timeout = Some(secs(1));
+    submit(store, doomed, at(t0, 21)).await;
+    check("submits", at(t0, 30)).await;
+
+    let claimed = claim(store, "cq-a", WORKER, 7, secs(1), at(t0, 40)).await;
+    assert_eq!(claimed.len(), 7);
+    check("claims", at(t0, 41)).await;
+
+    // Complete two, fail one for good (the fallback request goes to its
+    // dead-letter set and spawns a request in cq-fallback), retry one.
+    let mut rest = claimed.iter();
+    for r in rest.by_ref().take(2) {
+        settle(store, &r.id, &token(r), completion("1"), at(t0, 50))
+            .await
+            .expect("complete");
+    }
+    settle(
+        store,
+        &fb.id,
+        &token(claimed.iter().find(|r| r.id == fb.id).expect("fb claimed")),
+        failure(false),
+        at(t0, 51),
+    )
+    .await
+    .expect("fail for good");
+    let retried = rest.find(|r| r.id != fb.id).expect("one more");
+    settle(
+        store,
+        &retried.id,
+        &token(retried),
+        failure(true),
+        at(t0, 52),
+    )
+    .await
+    .expect("fail, retryable");
+    // Refused: a stale token changes nothing, counts included.
+    assert!(settle(
+        store,
+        &retried.id,
+        &token(retried),
+        completion("2"),
+        at(t0, 53)
+    )
+    .await
+    .is_err());
+    check("settlements", at(t0, 60)).await;
+
+    // Cancel a queued one; expire the deadline of another; let the leases
+    // of the ones still running run out.
+    let queued = submit_to(store, "cq-b", at(t0, 70)).await;
+    store
+        .request_cancel(RequestRef::any(&queued.id), at(t0, 71))
+        .await
+        .expect("cancel");
+    store
+        .deadline_expire_due(at(t0, 5_000), 100)
+        .await
+        .expect("deadlines");
+    store
+        .lease_expire_due(at(t0, 5_000), 100)
+        .await
+        .expect("leases");
+    check("cancel and sweeps", at(t0, 5_001)).await;
+
+    // Redrive the dead letter; purge what finished before 55 ms.
+    store
+        .dead_letter_redrive(RequestRef::any(&fb.id), at(t0, 6_000))
+        .await
+        .expect("redrive");
+    check("redrive", at(t0, 6_001)).await;
+    let purged = store.request_purge(at(t0, 55), 100).await.expect("purge");
+    assert!(
+        purged >= 2,
+        "the two completed requests are purged ({purged})"
+    );
+    check("retention", at(t0, 6_002)).await;
 }
 
 /// The earliest lease expiry, deadline and future `run_after`, over the
