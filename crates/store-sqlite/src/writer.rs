@@ -38,6 +38,14 @@ pub const MAX_BATCH: usize = 512;
 /// Bytes the WAL file is cut back to when it starts over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
+/// WAL frames (~24 MiB) past which a commit of the writer checkpoints by
+/// itself (SQLite's own `wal_autocheckpoint`, a `PASSIVE` checkpoint in the
+/// commit). The checkpointer and the catch-up flag (`sync.rs`) keep the WAL
+/// under this at the echo benchmark's pace; a writer of large payloads
+/// appends faster (over 150 MB/s measured) than the checkpointer looks (every
+/// 200 ms), and without this bound its WAL grew past 40 MB between two looks.
+const WAL_SAFETY_FRAMES: i64 = 6144;
+
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 /// A write command.
@@ -181,10 +189,12 @@ pub fn run(
     if let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
         tracing::error!(error = %e, "cannot set synchronous=NORMAL on the writer; commits will fsync themselves");
     }
-    // Checkpoints run on the checkpointer's connection, not in our commits;
-    // a WAL that grew large is cut back when it starts over.
+    // Checkpoints run on the checkpointer's connection, not in our commits —
+    // unless the WAL outgrows what the checkpointer keeps up with (see
+    // `WAL_SAFETY_FRAMES`); a WAL that grew large is cut back when it starts
+    // over.
     for (pragma, value) in [
-        ("wal_autocheckpoint", 0),
+        ("wal_autocheckpoint", WAL_SAFETY_FRAMES),
         ("journal_size_limit", WAL_SIZE_LIMIT),
     ] {
         if let Err(e) = conn.pragma_update(None, pragma, value) {
