@@ -277,11 +277,19 @@ impl Engine {
                 return Ok(got);
             }
         }
-        // Subscribed before the first look, so a submit in between wakes it.
-        let mut sub = self.notifier.subscribe(Key::Queue(queue.to_string()));
+        // Joined before each look, so a submit in between wakes it; woken
+        // one per claimable request, not with every other waiting claim.
+        let waiters = self.notifier.claim_waiters(queue);
         loop {
+            let woken = waiters.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             let got = self.store.request_claim(params(self.now())).await?;
             if !got.is_empty() {
+                if got.len() >= max as usize {
+                    // Full: more may be waiting for the next claim.
+                    waiters.more();
+                }
                 self.claimed(queue, &got);
                 return Ok(got);
             }
@@ -292,7 +300,7 @@ impl Engine {
                 return Ok(got);
             }
             tokio::select! {
-                _ = sub.changed() => {}
+                _ = woken => {}
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = self.shutdown.cancelled() => return Ok(Vec::new()),
             }

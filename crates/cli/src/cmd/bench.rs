@@ -73,6 +73,13 @@ pub struct Args {
     /// so the measured phases run over a deep backlog in the same store.
     #[arg(long, default_value_t = 0)]
     pub backlog: usize,
+    /// Also run this many more workers on the same queue, each with
+    /// concurrency 1 (one process for all of them): mostly idle, each keeps a
+    /// long-poll claim waiting, so the run shows what many idle workers cost
+    /// (every submit should go to one of them, not wake them all). Not part
+    /// of the peers' workload.
+    #[arg(long, default_value_t = 0)]
+    pub idle_workers: usize,
     /// Print one JSON document instead of a report.
     #[arg(long)]
     pub json: bool,
@@ -90,6 +97,9 @@ pub struct WorkerArgs {
     /// Concurrency.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Workers in this process, each with `concurrency`.
+    #[arg(long, default_value_t = 1)]
+    pub instances: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -146,6 +156,7 @@ struct Report {
     n: usize,
     window: usize,
     worker_concurrency: usize,
+    idle_workers: usize,
     throughput_replies_per_s: f64,
     latency: Latency,
     wake: Option<Wake>,
@@ -211,6 +222,16 @@ fn start_server(store: Option<&str>, dir: &std::path::Path) -> anyhow::Result<(P
 }
 
 fn start_worker(url: &str, queue: &str, concurrency: usize) -> anyhow::Result<Proc> {
+    start_workers(url, queue, concurrency, 1)
+}
+
+/// One worker process running `instances` workers.
+fn start_workers(
+    url: &str,
+    queue: &str,
+    concurrency: usize,
+    instances: usize,
+) -> anyhow::Result<Proc> {
     let child = Command::new(exe()?)
         .args([
             "bench-worker",
@@ -220,6 +241,8 @@ fn start_worker(url: &str, queue: &str, concurrency: usize) -> anyhow::Result<Pr
             queue,
             "--concurrency",
             &concurrency.to_string(),
+            "--instances",
+            &instances.to_string(),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -637,6 +660,12 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
 
     let queue = format!("bench-echo-{run}");
     let _worker = start_worker(&url, &queue, a.concurrency)?;
+    let _idle = if a.idle_workers > 0 {
+        eprintln!("idle workers: {} more on the queue", a.idle_workers);
+        Some(start_workers(&url, &queue, 1, a.idle_workers)?)
+    } else {
+        None
+    };
     let inbox = (a.mode == ReplyMode::Channel)
         .then(|| Inbox::start(client.clone(), format!("bench-replies-{run}")));
     eprintln!("warm-up: {} requests", a.warmup);
@@ -691,6 +720,7 @@ async fn bench(a: Args) -> anyhow::Result<Report> {
         n: a.n,
         window: a.window,
         worker_concurrency: a.concurrency,
+        idle_workers: a.idle_workers,
         throughput_replies_per_s: throughput,
         latency: Latency {
             n: lat.len(),
@@ -725,6 +755,12 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         "  worker:             1 process, concurrency {}",
         r.worker_concurrency
     );
+    if r.idle_workers > 0 {
+        println!(
+            "  idle workers:       {} more on the queue (1 process, concurrency 1 each)",
+            r.idle_workers
+        );
+    }
     println!(
         "  throughput:         {:.0} replies/s  (n={}, window={})",
         r.throughput_replies_per_s, r.n, r.window
@@ -785,20 +821,25 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
 /// The bench worker process: echoes every input.
 pub async fn worker(a: WorkerArgs) -> anyhow::Result<i32> {
     let client = Client::new(a.server)?;
-    Worker::new(client, a.queue)
-        .concurrency(a.concurrency)
-        .run(
-            |job: Job<Box<RawValue>>| async move { Ok::<_, HandlerError>(job.into_input()) },
-            async {
-                use tokio::signal::unix::{signal, SignalKind};
-                match signal(SignalKind::terminate()) {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            },
-        )
-        .await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workers = (0..a.instances.max(1)).map(|_| {
+        Worker::new(client.clone(), a.queue.clone())
+            .concurrency(a.concurrency)
+            .run_until(
+                |job: Job<Box<RawValue>>| async move { Ok::<_, HandlerError>(job.into_input()) },
+                stop.clone(),
+            )
+    });
+    let all = futures::future::try_join_all(workers);
+    tokio::pin!(all);
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        done = &mut all => { done?; }
+        _ = term.recv() => {
+            stop.cancel();
+            all.await?;
+        }
+    }
     Ok(exit::OK)
 }

@@ -104,3 +104,31 @@ fn bench_with_a_reply_channel_skipping_phases() {
     assert!(r["enqueue_only_per_s"].is_null());
     assert_eq!(r["latency"]["n"], 20);
 }
+
+/// `--idle-workers`: many more single-slot workers on the same queue (one
+/// process); every request is still answered, whichever worker took it.
+#[test]
+fn bench_with_many_idle_workers_on_the_queue() {
+    let r = report(&[
+        "bench",
+        "--json",
+        "--skip-phases",
+        "--n",
+        "200",
+        "--warmup",
+        "10",
+        "--latency-n",
+        "40",
+        "--window",
+        "8",
+        "--concurrency",
+        "2",
+        "--idle-workers",
+        "30",
+    ]);
+    assert_eq!(r["idle_workers"], 30);
+    assert_eq!(r["latency"]["n"], 40);
+    assert_eq!(r["wake"]["n"], 40);
+    let v = r["throughput_replies_per_s"].as_f64().unwrap_or(0.0);
+    assert!(v > 0.0 && v.is_finite(), "{v}");
+}
