@@ -77,8 +77,8 @@ pub(crate) struct Batch {
     history: History,
     inserts: Vec<NewRow>,
     replies: Vec<ReplyRow>,
-    /// Changes to the queue counts: (queue, status, change).
-    counts: Vec<(String, Status, i64)>,
+    /// Changes to the queue counts.
+    counts: coatcheck_store::CountChanges,
 }
 
 impl Batch {
@@ -88,17 +88,6 @@ impl Batch {
         self.before
             .entry(req.id.clone())
             .or_insert_with(|| Payloads::of(req));
-    }
-
-    fn count(&mut self, queue: &str, status: Status, by: i64) {
-        match self
-            .counts
-            .iter_mut()
-            .find(|(q, s, _)| *s == status && q == queue)
-        {
-            Some((_, _, n)) => *n += by,
-            None => self.counts.push((queue.to_string(), status, by)),
-        }
     }
 
     /// Records a changed request and its new events.
@@ -117,7 +106,7 @@ impl Batch {
     /// Records a new request (a fallback) and its events.
     fn insert(&mut self, req: &Request, events: &[HistoryEvent]) -> Result<()> {
         self.inserts.push(NewRow::new(req, events, None)?);
-        self.count(&req.queue, req.status, 1);
+        self.counts.add(&req.queue, req.status, 1);
         Ok(())
     }
 
@@ -137,7 +126,6 @@ impl Batch {
     pub(crate) async fn commit(mut self, tx: Tx) -> Result<()> {
         let mut updates = Updates::default();
         let mut payloads = PayloadUpdates::default();
-        let mut moved = Vec::new();
         for req in &self.changed {
             updates.push(req)?;
             match self.before.get(&req.id) {
@@ -145,9 +133,7 @@ impl Batch {
                     if b.changed_in(req) {
                         payloads.push(req);
                     }
-                    if b.status != req.status {
-                        moved.push((req.queue.clone(), b.status, req.status));
-                    }
+                    self.counts.moved(&req.queue, b.status, req.status);
                 }
                 None => {
                     return Err(internal(format!(
@@ -157,14 +143,10 @@ impl Batch {
                 }
             }
         }
-        for (queue, was, is) in moved {
-            self.count(&queue, was, -1);
-            self.count(&queue, is, 1);
-        }
-        self.counts.retain(|(_, _, n)| *n != 0);
-        let count_queues: Vec<&str> = self.counts.iter().map(|(q, _, _)| q.as_str()).collect();
-        let count_statuses: Vec<&str> = self.counts.iter().map(|(_, s, _)| s.as_str()).collect();
-        let count_changes: Vec<i64> = self.counts.iter().map(|(_, _, n)| *n).collect();
+        let counts = self.counts.take();
+        let count_queues: Vec<&str> = counts.iter().map(|(q, _, _)| q.as_str()).collect();
+        let count_statuses: Vec<&str> = counts.iter().map(|(_, s, _)| s.as_str()).collect();
+        let count_changes: Vec<i64> = counts.iter().map(|(_, _, n)| *n).collect();
         let update_params = updates.params();
         let payload_write = payloads.write();
         let history_params = self.history.params();

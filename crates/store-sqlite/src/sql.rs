@@ -42,8 +42,8 @@ pub struct Hot<'c> {
     history: std::cell::RefCell<rusqlite::Statement<'c>>,
     count: std::cell::RefCell<rusqlite::Statement<'c>>,
     recent: std::cell::RefCell<Recent>,
-    /// Changes to `queue_counts` not written yet: (queue, status, change).
-    counts: std::cell::RefCell<Vec<(String, Status, i64)>>,
+    /// Changes to `queue_counts` not written yet.
+    counts: std::cell::RefCell<coatcheck_store::CountChanges>,
 }
 
 impl<'c> Hot<'c> {
@@ -62,14 +62,7 @@ impl<'c> Hot<'c> {
 
     /// Notes that `queue` has `by` more (or fewer) requests in `status`.
     pub fn count(&self, queue: &str, status: Status, by: i64) {
-        let mut counts = self.counts.borrow_mut();
-        match counts
-            .iter_mut()
-            .find(|(q, s, _)| *s == status && q == queue)
-        {
-            Some((_, _, n)) => *n += by,
-            None => counts.push((queue.to_string(), status, by)),
-        }
+        self.counts.borrow_mut().add(queue, status, by);
     }
 
     /// Writes the noted count changes into `queue_counts`, in the open
@@ -77,13 +70,11 @@ impl<'c> Hot<'c> {
     /// rollback (to a savepoint, or of everything) only ever has to drop the
     /// changes noted since: [`Hot::forget`] does.
     pub fn flush_counts(&self) -> Result<()> {
-        let mut counts = self.counts.borrow_mut();
+        let changes = self.counts.borrow_mut().take();
         let mut stmt = self.count.borrow_mut();
-        for (queue, status, n) in counts.drain(..) {
-            if n != 0 {
-                stmt.execute(rusqlite::params![queue, status.as_str(), n])
-                    .map_err(classify)?;
-            }
+        for (queue, status, n) in changes {
+            stmt.execute(rusqlite::params![queue, status.as_str(), n])
+                .map_err(classify)?;
         }
         Ok(())
     }
@@ -111,10 +102,7 @@ impl<'c> Hot<'c> {
             self.recent.borrow_mut().remove(&req.id);
             return Err(e);
         }
-        if was != req.status {
-            self.count(&req.queue, was, -1);
-            self.count(&req.queue, req.status, 1);
-        }
+        self.counts.borrow_mut().moved(&req.queue, was, req.status);
         self.recent.borrow_mut().wrote(req);
         Ok(())
     }

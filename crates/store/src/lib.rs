@@ -358,6 +358,46 @@ pub struct QueueCounts {
     pub oldest_ready: Option<Ts>,
 }
 
+/// Changes to the requests per queue and status that a store has yet to
+/// write with its transaction (stores keep these counts as requests change,
+/// so [`Store::queue_stats`] need not count the table).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CountChanges(Vec<(String, Status, i64)>);
+
+impl CountChanges {
+    /// `queue` has `by` more (or, negative, fewer) requests in `status`.
+    pub fn add(&mut self, queue: &str, status: Status, by: i64) {
+        match self
+            .0
+            .iter_mut()
+            .find(|(q, s, _)| *s == status && q == queue)
+        {
+            Some((_, _, n)) => *n += by,
+            None => self.0.push((queue.to_string(), status, by)),
+        }
+    }
+
+    /// A request of `queue` went from `was` to `is` (nothing if the same).
+    pub fn moved(&mut self, queue: &str, was: Status, is: Status) {
+        if was != is {
+            self.add(queue, was, -1);
+            self.add(queue, is, 1);
+        }
+    }
+
+    /// Takes the changes that are not zero, leaving none.
+    pub fn take(&mut self) -> Vec<(String, Status, i64)> {
+        let mut out = std::mem::take(&mut self.0);
+        out.retain(|(_, _, n)| *n != 0);
+        out
+    }
+
+    /// Forgets every change (their transaction was rolled back).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// Configuration every store honours.
 #[derive(Debug, Clone, Default)]
 pub struct StoreOptions {
@@ -574,4 +614,30 @@ pub trait ParkHandle: Send + Sync {
     /// Stop waiting: answer at once with what the claim got (nothing, if it
     /// was not handed work before this).
     fn unpark(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_changes_net_out_per_queue_and_status() {
+        let mut c = CountChanges::default();
+        c.add("a", Status::Queued, 1);
+        c.add("a", Status::Queued, 1);
+        c.moved("a", Status::Queued, Status::Running);
+        c.moved("a", Status::Running, Status::Running);
+        c.moved("b", Status::Running, Status::Succeeded);
+        c.moved("a", Status::Running, Status::Queued);
+        assert_eq!(
+            c.take(),
+            vec![
+                ("a".to_string(), Status::Queued, 2),
+                ("b".to_string(), Status::Running, -1),
+                ("b".to_string(), Status::Succeeded, 1),
+            ],
+            "a's running went up and down again: left out"
+        );
+        assert_eq!(c.take(), vec![], "taken: nothing is left");
+    }
 }
