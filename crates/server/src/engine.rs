@@ -284,6 +284,7 @@ impl Engine {
             let woken = waiters.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
+            self.metrics.add(Counter::ClaimLooks, queue, 1);
             let got = self.store.request_claim(params(self.now())).await?;
             if !got.is_empty() {
                 if got.len() >= max as usize {

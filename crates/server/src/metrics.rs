@@ -66,6 +66,11 @@ pub enum Counter {
     Expired,
     /// Requests cancelled.
     Cancelled,
+    /// Times a claim looked at the store for work (a claim that waits for
+    /// wake-ups: its first look and one per wake-up; a claim parked in the
+    /// store is handed work instead). Far above the requests claimed means
+    /// claims are woken for nothing.
+    ClaimLooks,
 }
 
 impl Counter {
@@ -79,6 +84,7 @@ impl Counter {
             Counter::LeasesExpired => "coatcheck_leases_expired_total",
             Counter::Expired => "coatcheck_expired_total",
             Counter::Cancelled => "coatcheck_cancelled_total",
+            Counter::ClaimLooks => "coatcheck_claim_looks_total",
         }
     }
 }

@@ -449,3 +449,57 @@ async fn a_waiting_claim_is_woken_by_a_redrive_and_by_a_retry() {
         "woken by the retry: {took:?}"
     );
 }
+
+/// How many times claims on `queue` looked at the store, from `/metrics`.
+async fn claim_looks(s: &TestServer, queue: &str) -> u64 {
+    let text = s.get("/metrics").await.text().await.unwrap();
+    let prefix = format!("coatcheck_claim_looks_total{{queue=\"{queue}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Twenty claims wait on a queue: a submit wakes one of them, not all
+/// twenty (each woken claim looks at the store again — a thundering herd on
+/// a store whose claims wait for wake-ups), and nineteen more submits reach
+/// the other nineteen, none lost and none shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_wakes_one_waiting_claim_not_all() {
+    let s = Arc::new(TestServer::start().await);
+    let waiting: Vec<_> = (0..20)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { claim_wait(&s, "herd", 1, 30.0, 15.0).await })
+        })
+        .collect();
+    // Every claim has looked once and is waiting (a store that parks claims
+    // instead never looks again: there, this is just a pause).
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    while claim_looks(&s, "herd").await < 20 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = claim_looks(&s, "herd").await;
+    let first = id(&s.submit("herd", json!({"input": 0})).await);
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !waiting.iter().any(|t| t.is_finished()) && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let woken = claim_looks(&s, "herd").await - before;
+    assert!(
+        woken <= 2,
+        "one submit made waiting claims look {woken} times (20 were waiting)"
+    );
+    let mut ids = vec![first];
+    for i in 1..20 {
+        ids.push(id(&s.submit("herd", json!({"input": i})).await));
+    }
+    let mut claimed = HashSet::new();
+    for t in waiting {
+        let got = t.await.unwrap();
+        assert_eq!(got.len(), 1, "every waiting claim got one request");
+        assert!(claimed.insert(id(&got[0])), "no request is claimed twice");
+    }
+    assert_eq!(claimed, ids.into_iter().collect::<HashSet<_>>());
+}
