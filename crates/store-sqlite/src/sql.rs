@@ -65,10 +65,14 @@ impl<'c> Hot<'c> {
         self.counts.borrow_mut().add(queue, status, by);
     }
 
+    /// The count changes noted so far, to go back to if a savepoint is
+    /// rolled back ([`Hot::forget_since`]).
+    pub fn counts_mark(&self) -> coatcheck_store::CountChanges {
+        self.counts.borrow().clone()
+    }
+
     /// Writes the noted count changes into `queue_counts`, in the open
-    /// transaction. Called before every commit and every savepoint, so a
-    /// rollback (to a savepoint, or of everything) only ever has to drop the
-    /// changes noted since: [`Hot::forget`] does.
+    /// transaction, just before its commit.
     pub fn flush_counts(&self) -> Result<()> {
         let changes = self.counts.borrow_mut().take();
         let mut stmt = self.count.borrow_mut();
@@ -115,8 +119,14 @@ impl<'c> Hot<'c> {
     /// Drops every kept copy: the transaction (or part of it) that wrote
     /// them was rolled back.
     pub fn forget(&self) {
+        self.forget_since(Default::default());
+    }
+
+    /// [`Hot::forget`] after a rollback to a savepoint: the count changes go
+    /// back to `mark`, what they were when it was set.
+    pub fn forget_since(&self, mark: coatcheck_store::CountChanges) {
         self.recent.borrow_mut().clear();
-        self.counts.borrow_mut().clear();
+        *self.counts.borrow_mut() = mark;
     }
 }
 

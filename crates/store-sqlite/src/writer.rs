@@ -532,15 +532,13 @@ impl Writer<'_> {
     /// Runs `f` inside a savepoint: if it fails, its writes are undone (and
     /// the writer forgets its copies of what it may have changed).
     fn in_savepoint<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        // Count changes noted so far belong to work that stays: written
-        // now, a rollback to this savepoint only drops its own.
-        self.hot.flush_counts()?;
+        let mark = self.hot.counts_mark();
         self.conn.exec("SAVEPOINT one").map_err(sql::classify)?;
         let res = f();
         let rollback = if res.is_ok() {
             Ok(())
         } else {
-            self.hot.forget();
+            self.hot.forget_since(mark);
             self.conn.exec("ROLLBACK TO one")
         };
         if let Err(e) = rollback.and_then(|()| self.conn.exec("RELEASE one")) {
@@ -638,9 +636,10 @@ impl Writer<'_> {
         }
     }
 
-    /// Writes a transitioned request (`was`: its status when loaded) and its new events. Both are first
-    /// rounded to what is stored (see [`sql::as_stored`]), so the request
-    /// the caller answers with equals the one a later read returns.
+    /// Writes a transitioned request (`was`: its status when loaded) and its
+    /// new events. Both are first rounded to what is stored (see
+    /// [`sql::as_stored`]), so the request the caller answers with equals the
+    /// one a later read returns.
     fn save(
         &self,
         was: Status,
@@ -878,11 +877,11 @@ impl Writer<'_> {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             if guarded {
-                self.hot.flush_counts()?;
+                let mark = self.hot.counts_mark();
                 self.conn.exec("SAVEPOINT item").map_err(sql::classify)?;
                 let res = self.settle(item.clone(), now);
                 if res.is_err() {
-                    self.hot.forget();
+                    self.hot.forget_since(mark);
                     self.conn.exec("ROLLBACK TO item").map_err(sql::classify)?;
                 }
                 self.conn.exec("RELEASE item").map_err(sql::classify)?;

@@ -70,6 +70,39 @@ async fn the_wal_stays_bounded_under_steady_writes() {
     store.store_close().await;
 }
 
+/// Submits `n` requests to `queue` and claims them all (a 60 s lease).
+async fn submitted_and_claimed(
+    store: &SqliteStore,
+    queue: &str,
+    n: u32,
+) -> Vec<coatcheck_core::Request> {
+    use coatcheck_store::{ClaimParams, FairnessRules, Store, SubmitParams};
+    let now = chrono::Utc::now;
+    for _ in 0..n {
+        store
+            .request_submit(SubmitParams {
+                new: coatcheck_store::conformance::new_request(queue),
+                idempotency: None,
+                now: now(),
+            })
+            .await
+            .expect("submit");
+    }
+    let claimed = store
+        .request_claim(ClaimParams {
+            queue: queue.into(),
+            worker_id: "w".into(),
+            max: n,
+            lease: std::time::Duration::from_secs(60),
+            fairness: Arc::new(FairnessRules::default()),
+            now: now(),
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), n as usize);
+    claimed
+}
+
 /// The writer keeps the unfinished requests it wrote last, so a claim or a
 /// settlement need not read them back. A change that is rolled back must
 /// not survive in that copy: here a heartbeat's progress is written and
@@ -78,37 +111,13 @@ async fn the_wal_stays_bounded_under_steady_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_rolled_back_is_not_remembered_by_the_writer() {
     let now = chrono::Utc::now;
-    use coatcheck_store::conformance::new_request;
-    use coatcheck_store::{
-        ClaimParams, FairnessRules, HeartbeatParams, RequestRef, SettleParams, Settlement, Store,
-        SubmitParams,
-    };
+    use coatcheck_store::{HeartbeatParams, RequestRef, SettleParams, Settlement, Store};
     use serde_json::value::RawValue;
-    use std::time::Duration;
 
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SqliteStore::open(dir.path(), StoreOptions::default()).expect("open");
-    let new = new_request("recent");
-    let id = new.id.clone();
-    store
-        .request_submit(SubmitParams {
-            new,
-            idempotency: None,
-            now: now(),
-        })
-        .await
-        .expect("submit");
-    let claimed = store
-        .request_claim(ClaimParams {
-            queue: "recent".into(),
-            worker_id: "w".into(),
-            max: 1,
-            lease: Duration::from_secs(60),
-            fairness: Arc::new(FairnessRules::default()),
-            now: now(),
-        })
-        .await
-        .expect("claim");
+    let claimed = submitted_and_claimed(&store, "recent", 1).await;
+    let id = claimed[0].id.clone();
     let token = claimed[0].lease.as_ref().expect("leased").token.clone();
 
     let side =
@@ -161,6 +170,54 @@ async fn a_change_rolled_back_is_not_remembered_by_the_writer() {
         .expect("settle");
     let done = done.into_iter().next().expect("one").expect("settled");
     assert!(done.request.progress.is_none());
+    store.store_close().await;
+}
+
+/// Queue counts follow rollbacks to a savepoint: one settlement of a batch
+/// fails after writing (a trigger refuses its history row), the batch starts
+/// over with a savepoint per item, and the counts show exactly the two that
+/// went through — not three, and not none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_counts_follow_a_rollback_to_a_savepoint() {
+    use coatcheck_core::Status;
+    use coatcheck_store::{SettleParams, Settlement, Store};
+    use serde_json::value::RawValue;
+    let now = chrono::Utc::now;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path(), StoreOptions::default()).expect("open");
+    let claimed = submitted_and_claimed(&store, "rolled", 3).await;
+    let side =
+        rusqlite::Connection::open(dir.path().join("coatcheck.db")).expect("side connection");
+    side.execute_batch(&format!(
+        "CREATE TRIGGER refuse_one BEFORE INSERT ON history \
+         WHEN NEW.request_id = '{}' AND json_extract(NEW.event, '$.kind') = 'succeeded' \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+        claimed[1].id
+    ))
+    .expect("trigger");
+    let items = claimed
+        .iter()
+        .map(|r| SettleParams {
+            id: r.id.clone(),
+            queue: None,
+            lease_token: r.lease.as_ref().expect("leased").token.clone(),
+            settlement: Settlement::Complete {
+                output: RawValue::from_string("1".into()).expect("json"),
+            },
+        })
+        .collect();
+    let results = store
+        .request_settle_many(items, now())
+        .await
+        .expect("the batch as a whole is answered");
+    let ok: Vec<bool> = results.iter().map(|r| r.is_ok()).collect();
+    assert_eq!(ok, [true, false, true]);
+    let stats = store.queue_stats(now()).await.expect("stats");
+    let q = stats.iter().find(|q| q.queue == "rolled").expect("listed");
+    let mut counts = q.counts.clone();
+    counts.sort();
+    assert_eq!(counts, vec![(Status::Running, 1), (Status::Succeeded, 2)]);
     store.store_close().await;
 }
 
