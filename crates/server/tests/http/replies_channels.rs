@@ -158,8 +158,11 @@ async fn a_long_poll_wakes_promptly_when_a_reply_arrives() {
 async fn an_unacked_message_is_redelivered_after_its_visibility() {
     let s = TestServer::start().await;
     let req = completed(&s, "vis-q", "vis", json!(7)).await;
-    let first = recv(&s, "vis", "wait=5&visibility=0.5").await;
+    // Taken before the receive is sent: the server hides the message from
+    // its own "now", which is no earlier than this (taken after the answer,
+    // a slow answer under load made the redelivery look early).
     let t0 = Instant::now();
+    let first = recv(&s, "vis", "wait=5&visibility=0.5").await;
     assert_eq!(first.len(), 1);
     assert!(recv(&s, "vis", "wait=0").await.is_empty(), "hidden");
 
