@@ -1,13 +1,17 @@
 //! The syncer: makes commits durable off the writer's thread.
 //!
-//! The writer commits with `synchronous=NORMAL`, so a commit appends its
-//! frames to the WAL with `write()` and returns without an fsync. It then
+//! The writer's commit appends its frames to the WAL with `write()` (one
+//! call, through [`crate::vfs`]) and returns without an fsync. It then
 //! hands the syncer the answers that must not leave before the commit is on
 //! disk. The syncer takes every job waiting, fsyncs the WAL file **once**
 //! for all of them (an fsync flushes every write made to the file before it,
 //! through any descriptor), and only then sends those answers — exactly the
 //! guarantee `synchronous=FULL` gives, but the writer is already applying
 //! the next batch while the disk flushes.
+//!
+//! With nothing to overlap (no command waiting for the writer, no job here)
+//! the writer does this work itself ([`Syncer::sync_here`]): waking this
+//! thread would only add a hand-off to a lone request's round trip.
 //!
 //! Jobs are answered in commit order. A job that needs no fsync of its own
 //! (say, a reply-channel receive in a batch with nothing durable) still
@@ -32,7 +36,7 @@
 //! the WAL grew by ~60 MB/s under the echo benchmark.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
@@ -63,7 +67,10 @@ pub const CATCH_UP_FRAMES: i64 = 2048;
 
 /// Starts the syncer for the WAL file at `wal`, and the checkpointer on
 /// `checkpoints` (a connection of its own to the same database).
-pub fn spawn(wal: PathBuf, checkpoints: rusqlite::Connection) -> std::io::Result<Syncer> {
+pub fn spawn(
+    wal: PathBuf,
+    checkpoints: rusqlite::Connection,
+) -> std::io::Result<(Syncer, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let (kick_tx, kick_rx) = mpsc::sync_channel::<()>(1);
     let catch_up = Arc::new(AtomicBool::new(false));
@@ -71,29 +78,60 @@ pub fn spawn(wal: PathBuf, checkpoints: rusqlite::Connection) -> std::io::Result
     let checkpointer = std::thread::Builder::new()
         .name("coatcheck-sqlite-checkpointer".into())
         .spawn(move || checkpoint_loop(&checkpoints, kick_rx, &flag))?;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let (count, path, kick) = (in_flight.clone(), wal.clone(), kick_tx.clone());
     let handle = std::thread::Builder::new()
         .name("coatcheck-sqlite-syncer".into())
         .spawn(move || {
-            run(&wal, rx, &kick_tx);
-            drop(kick_tx);
+            run(&path, rx, &kick, &count);
+            drop(kick);
             let _ = checkpointer.join();
         })?;
-    Ok(Syncer {
+    let syncer = Syncer {
         jobs: tx,
-        thread: handle,
         catch_up,
-    })
+        in_flight,
+        wal,
+        kick: kick_tx,
+    };
+    Ok((syncer, handle))
 }
 
-/// The running syncer (and checkpointer), as the writer sees it.
+/// The running syncer (and checkpointer), as the writer sees it. Its
+/// thread (from [`spawn`]) ends once this is dropped and every job sent was
+/// answered.
 pub struct Syncer {
     /// Where the writer sends the answers of each commit.
-    pub jobs: mpsc::Sender<SyncJob>,
-    /// Ends after every job was answered.
-    pub thread: JoinHandle<()>,
+    jobs: mpsc::Sender<SyncJob>,
     /// Raised by a checkpoint that found the WAL long: the writer should run
     /// a short one of its own between batches (see the module docs).
     pub catch_up: Arc<AtomicBool>,
+    /// Jobs sent to the syncer and not yet answered.
+    in_flight: Arc<AtomicUsize>,
+    wal: PathBuf,
+    kick: mpsc::SyncSender<()>,
+}
+
+impl Syncer {
+    /// Hands the syncer a commit's answers.
+    pub fn send(&self, job: SyncJob) -> Result<(), mpsc::SendError<SyncJob>> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.jobs.send(job).inspect_err(|_| {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+
+    /// Whether every job sent so far was answered.
+    pub fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Does the syncer's work on the caller's thread: fsyncs (if the job
+    /// asks for it) and answers. Only when [`Syncer::idle`]: answers leave
+    /// in commit order, and every earlier commit is already on disk.
+    pub fn sync_here(&self, job: SyncJob) {
+        finish(&self.wal, vec![job], &self.kick);
+    }
 }
 
 fn checkpoint_loop(conn: &rusqlite::Connection, kicks: mpsc::Receiver<()>, catch_up: &AtomicBool) {
@@ -108,28 +146,41 @@ fn checkpoint_loop(conn: &rusqlite::Connection, kicks: mpsc::Receiver<()>, catch
     }
 }
 
-fn run(wal: &std::path::Path, rx: mpsc::Receiver<SyncJob>, kick: &mpsc::SyncSender<()>) {
+fn run(
+    wal: &std::path::Path,
+    rx: mpsc::Receiver<SyncJob>,
+    kick: &mpsc::SyncSender<()>,
+    in_flight: &AtomicUsize,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while let Ok(more) = rx.try_recv() {
             jobs.push(more);
         }
-        let err = if jobs.iter().any(|j| j.fsync) {
-            sync_file(wal).err().map(|e| {
-                tracing::error!(error = %e, wal = %wal.display(), "fsync of the WAL failed; the commits it covers are refused");
-                StoreError::Unavailable(format!("the write-ahead log could not be flushed to disk: {e}"))
-            })
-        } else {
-            None
-        };
-        for job in jobs {
-            for answer in job.answers {
-                answer(err.as_ref());
-            }
-        }
-        // Full (a checkpoint is already due) or gone (shutting down): either way, fine.
-        let _ = kick.try_send(());
+        let n = jobs.len();
+        finish(wal, jobs, kick);
+        in_flight.fetch_sub(n, Ordering::AcqRel);
     }
+}
+
+/// One fsync for `jobs` (if any asks for it), then their answers, then a
+/// nudge to the checkpointer.
+fn finish(wal: &std::path::Path, jobs: Vec<SyncJob>, kick: &mpsc::SyncSender<()>) {
+    let err = if jobs.iter().any(|j| j.fsync) {
+        sync_file(wal).err().map(|e| {
+            tracing::error!(error = %e, wal = %wal.display(), "fsync of the WAL failed; the commits it covers are refused");
+            StoreError::Unavailable(format!("the write-ahead log could not be flushed to disk: {e}"))
+        })
+    } else {
+        None
+    };
+    for job in jobs {
+        for answer in job.answers {
+            answer(err.as_ref());
+        }
+    }
+    // Full (a checkpoint is already due) or gone (shutting down): either way, fine.
+    let _ = kick.try_send(());
 }
 
 /// fdatasync of the file by name: opened afresh each time, so it is always

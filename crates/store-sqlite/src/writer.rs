@@ -183,12 +183,9 @@ pub fn run(
     rx: mpsc::Receiver<Cmd>,
     retry: RetryPolicy,
     syncer: crate::sync::Syncer,
+    synced: std::thread::JoinHandle<()>,
     waker: std::sync::Arc<std::sync::OnceLock<QueueWaker>>,
 ) {
-    // The commit only writes the WAL; the syncer makes it durable.
-    if let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
-        tracing::error!(error = %e, "cannot set synchronous=NORMAL on the writer; commits will fsync themselves");
-    }
     // Checkpoints run on the checkpointer's connection, not in our commits —
     // unless the WAL outgrows what the checkpointer keeps up with (see
     // `WAL_SAFETY_FRAMES`); a WAL that grew large is cut back when it starts
@@ -201,11 +198,7 @@ pub fn run(
             tracing::error!(error = %e, pragma, "cannot set a pragma on the writer");
         }
     }
-    let crate::sync::Syncer {
-        jobs: sync_tx,
-        thread: syncer,
-        catch_up,
-    } = syncer;
+    let catch_up = syncer.catch_up.clone();
     let hot = match sql::Hot::prepare(&conn) {
         Ok(hot) => hot,
         Err(e) => {
@@ -223,14 +216,15 @@ pub fn run(
         hot,
         retry,
         cursors: Default::default(),
-        sync: sync_tx,
+        sync: syncer,
         waker,
         claimable: Default::default(),
         parked: Default::default(),
         recheck: Default::default(),
         batch_now: Default::default(),
     };
-    while let Ok(first) = rx.recv() {
+    let mut carried: Option<Cmd> = None;
+    while let Some(first) = carried.take().or_else(|| rx.recv().ok()) {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -239,7 +233,7 @@ pub fn run(
                 Err(_) => break,
             }
         }
-        w.apply_batch(batch);
+        w.apply_batch(batch, &rx, &mut carried);
         if catch_up.swap(false, std::sync::atomic::Ordering::Relaxed) {
             // Copies what was committed since the checkpointer's run, so the
             // next transaction can start the WAL over (see `sync.rs`).
@@ -253,7 +247,7 @@ pub fn run(
     }
     // Every answer still waiting for an fsync is sent before the writer ends.
     drop(w);
-    let _ = syncer.join();
+    let _ = synced.join();
 }
 
 /// The queues, each once, in their first order (a batch names few).
@@ -289,7 +283,7 @@ struct Writer<'c> {
     hot: sql::Hot<'c>,
     retry: RetryPolicy,
     /// The syncer: fsyncs the WAL, then sends the answers that wait for it.
-    sync: mpsc::Sender<SyncJob>,
+    sync: crate::sync::Syncer,
     /// Told which queues got claimable work, right after the commit.
     waker: std::sync::Arc<std::sync::OnceLock<QueueWaker>>,
     /// Queues that got claimable work in the batch being applied.
@@ -309,7 +303,11 @@ struct Writer<'c> {
 }
 
 impl Writer<'_> {
-    fn apply_batch(&self, batch: Vec<Cmd>) {
+    /// Applies and commits `batch`. When nothing else is waiting (no
+    /// command in `rx`, no commit at the syncer), the writer makes the
+    /// commit durable itself instead of handing it over; a command found
+    /// waiting is left in `carried` for the next batch.
+    fn apply_batch(&self, batch: Vec<Cmd>, rx: &mpsc::Receiver<Cmd>, carried: &mut Option<Cmd>) {
         let durable = batch.iter().any(Cmd::must_be_durable);
         self.batch_now.set(None);
         if let Err(e) = self.conn.exec("BEGIN IMMEDIATE").map_err(sql::classify) {
@@ -382,12 +380,23 @@ impl Writer<'_> {
         // The fsync is the long pole: the syncer gets the commit first, so
         // it is not left waiting while the answers below wake other threads
         // (which may take this core from the writer).
+        let mut here = None;
         if !gated.is_empty() {
             let job = SyncJob {
                 answers: gated,
                 fsync: durable,
             };
-            if let Err(mpsc::SendError(job)) = self.sync.send(job) {
+            let alone = self.sync.idle()
+                && match rx.try_recv() {
+                    Ok(cmd) => {
+                        *carried = Some(cmd);
+                        false
+                    }
+                    Err(_) => true,
+                };
+            if alone {
+                here = Some(job);
+            } else if let Err(mpsc::SendError(job)) = self.sync.send(job) {
                 let e = StoreError::Unavailable("the store is closing".into());
                 for a in job.answers {
                     a(Some(&e));
@@ -406,6 +415,9 @@ impl Writer<'_> {
             for q in distinct(&woken) {
                 wake(q);
             }
+        }
+        if let Some(job) = here {
+            self.sync.sync_here(job);
         }
     }
 
