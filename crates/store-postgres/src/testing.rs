@@ -188,6 +188,7 @@ pub struct Proxy {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
     cut: watch::Sender<u64>,
+    stale: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -207,7 +208,8 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address");
         let up = Arc::new(AtomicBool::new(true));
         let (cut, _) = watch::channel(0u64);
-        let (up2, cut2) = (up.clone(), cut.clone());
+        let (stale, _) = watch::channel(0u64);
+        let (up2, cut2, stale2) = (up.clone(), cut.clone(), stale.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !up2.load(Ordering::Acquire) {
@@ -216,13 +218,22 @@ impl Proxy {
                 }
                 let target = target.clone();
                 let mut cut_rx = cut2.subscribe();
+                let mut stale_rx = stale2.subscribe();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(&target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut_rx.changed() => {}
+                    let stale = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        _ = cut_rx.changed() => false,
+                        _ = stale_rx.changed() => true,
+                    };
+                    if stale {
+                        // Closed for the database, open for the client
+                        // until it sends something.
+                        drop(server);
+                        let mut byte = [0u8; 1];
+                        let _ = tokio::io::AsyncReadExt::read(&mut client, &mut byte).await;
                     }
                 });
             }
@@ -231,6 +242,7 @@ impl Proxy {
             addr,
             up,
             cut,
+            stale,
             task,
         }
     }
@@ -245,6 +257,14 @@ impl Proxy {
     pub fn down(&self) {
         self.up.store(false, Ordering::Release);
         self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// The database ends every session through the proxy, but the clients
+    /// learn of it only when they next send something (their sockets stay
+    /// open until then): a pooled connection that looks alive and is not.
+    /// New connections work.
+    pub fn close_unnoticed(&self) {
+        self.stale.send_modify(|n| *n += 1);
     }
 
     /// The database is back.

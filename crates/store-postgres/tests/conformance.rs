@@ -87,6 +87,43 @@ mod shared {
         .ok()
     }
 
+    /// The database ended the pooled connection's session, and the pool
+    /// hands it out before noticing: every kind of read still answers (on a
+    /// fresh connection) instead of a `503`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_on_a_connection_the_database_ended_unnoticed_answers() {
+        let schema = TestSchema::create().await;
+        let proxy = Proxy::start().await;
+        // One pooled connection: each read gets the one that was ended.
+        let store = open(&schema.url_via(proxy.addr(), "pool_size=1")).await;
+        let id = submit(&store, "stale").await;
+        let now = || truncate(chrono::Utc::now());
+
+        proxy.close_unnoticed();
+        let got = store.request_get(RequestRef::any(&id)).await;
+        assert_eq!(got.expect("get").id, id);
+        proxy.close_unnoticed();
+        let events = store.request_history(RequestRef::any(&id), 0).await;
+        assert!(!events.expect("history").is_empty());
+        proxy.close_unnoticed();
+        let listed = store
+            .request_list(coatcheck_store::ListParams {
+                queue: Some("stale".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(listed.expect("list").len(), 1);
+        proxy.close_unnoticed();
+        let stats = store.queue_stats(now()).await.expect("stats");
+        assert!(stats.iter().any(|q| q.queue == "stale"));
+        proxy.close_unnoticed();
+        store.due_times(now()).await.expect("due times");
+        proxy.close_unnoticed();
+        assert_eq!(store.queue_depth("stale").await.expect("depth"), 1);
+        store.store_close().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_on_one_node_reaches_the_others_but_not_itself() {
         let schema = TestSchema::create().await;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use coatcheck_core::clock::to_micros;
-use coatcheck_core::{Request, Status, Ts};
+use coatcheck_core::{Request, Ts};
 use coatcheck_store::{DueTimes, ListParams, QueueCounts, RequestRef, Result, StoreError};
 use rusqlite::{Connection, OpenFlags};
 
@@ -119,19 +119,7 @@ pub fn queue_stats(c: &Connection, now: Ts) -> Result<Vec<QueueCounts>> {
         .map_err(sql::classify)?;
     for row in rows {
         let (queue, status, n) = row.map_err(sql::classify)?;
-        let Some(status) = Status::parse(&status) else {
-            continue;
-        };
-        if out.last().is_none_or(|q| q.queue != queue) {
-            out.push(QueueCounts {
-                queue,
-                ..Default::default()
-            });
-        }
-        out.last_mut()
-            .expect("pushed")
-            .counts
-            .push((status, n as u64));
+        QueueCounts::add_row(&mut out, queue, &status, n);
     }
     let mut stmt = c
         .prepare_cached(sql::QUEUE_OLDEST_READY)

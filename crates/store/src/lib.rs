@@ -358,6 +358,25 @@ pub struct QueueCounts {
     pub oldest_ready: Option<Ts>,
 }
 
+impl QueueCounts {
+    /// Adds one row of a store's kept counts (rows ordered by queue) to
+    /// `out`; a status this version does not know is skipped.
+    pub fn add_row(out: &mut Vec<QueueCounts>, queue: String, status: &str, n: i64) {
+        let Some(status) = Status::parse(status) else {
+            return;
+        };
+        if out.last().is_none_or(|q| q.queue != queue) {
+            out.push(QueueCounts {
+                queue,
+                ..Default::default()
+            });
+        }
+        if let Some(q) = out.last_mut() {
+            q.counts.push((status, n.max(0) as u64));
+        }
+    }
+}
+
 /// Changes to the requests per queue and status that a store has yet to
 /// write with its transaction (stores keep these counts as requests change,
 /// so [`Store::queue_stats`] need not count the table).
