@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use coatcheck_core::Request;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{broadcast, watch, Notify};
 
 /// What a key's channel carries (every send wakes its subscribers): for a
 /// request key, the request as the latest change left it, when the change
@@ -49,6 +49,57 @@ pub struct Notifier {
     keys: Arc<Mutex<HashMap<Key, watch::Sender<Carried>>>>,
     /// Claims waiting for work, per queue (see [`ClaimWaiters`]).
     claimers: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+    /// Every carried change of a request, per request id (see [`Snapshots`]).
+    snapshots: Arc<Mutex<HashMap<String, broadcast::Sender<Arc<Request>>>>>,
+}
+
+/// How many changes of one request a [`Snapshots`] holds before the oldest
+/// are dropped (its reader then falls back to reading the request).
+const SNAPSHOTS: usize = 64;
+
+/// Every change of one request made on this node, each with the request as
+/// that change left it — where a [`Subscription`] keeps only the latest. An
+/// event stream pairs each history event with the state it produced, even
+/// when several changes land before the stream looks (a progress report
+/// and the completion right after it). Changes made on other nodes come
+/// without the request (LISTEN/NOTIFY carries ids) and are not here.
+#[derive(Debug)]
+pub struct Snapshots {
+    id: String,
+    rx: Option<broadcast::Receiver<Arc<Request>>>,
+    hub: Notifier,
+}
+
+impl Snapshots {
+    /// The changes received since the last call, in the order they were
+    /// reported, and whether some were dropped (the reader fell behind).
+    pub fn drain(&mut self) -> (Vec<Arc<Request>>, bool) {
+        let mut got = Vec::new();
+        let mut lagged = false;
+        if let Some(rx) = self.rx.as_mut() {
+            loop {
+                match rx.try_recv() {
+                    Ok(r) => got.push(r),
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => lagged = true,
+                    Err(_) => break,
+                }
+            }
+        }
+        (got, lagged)
+    }
+}
+
+impl Drop for Snapshots {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        let mut snaps = self.hub.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        if snaps
+            .get(&self.id)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            snaps.remove(&self.id);
+        }
+    }
 }
 
 /// The claims of one queue that wait for work to appear — woken **one per
@@ -152,6 +203,21 @@ impl Notifier {
         }
     }
 
+    /// Every change of request `id` from now on, each with its state
+    /// ([`Snapshots`]). Take it *before* reading the request.
+    pub fn snapshots(&self, id: &str) -> Snapshots {
+        let mut snaps = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = snaps
+            .entry(id.to_string())
+            .or_insert_with(|| broadcast::channel(SNAPSHOTS).0)
+            .subscribe();
+        Snapshots {
+            id: id.to_string(),
+            rx: Some(rx),
+            hub: self.clone(),
+        }
+    }
+
     /// The claims waiting on `queue`, to join them.
     pub fn claim_waiters(&self, queue: &str) -> ClaimWaiters {
         let mut claimers = self.claimers.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,8 +260,16 @@ impl Notifier {
     /// order (two tasks finishing at once): an older state never replaces
     /// a newer one that was already handed over.
     pub fn notify_request(&self, req: &Request) {
-        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let mut copy: Option<Arc<Request>> = None;
+        {
+            // Before the wake-ups: a stream woken by this change finds its
+            // state already there.
+            let snaps = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(tx) = snaps.get(&req.id) {
+                let _ = tx.send(copy.get_or_insert_with(|| Arc::new(req.clone())).clone());
+            }
+        }
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let mut hand_over = |key: Key| {
             if let Some(tx) = keys.get(&key) {
                 tx.send_if_modified(|v| {
@@ -272,9 +346,74 @@ impl Notifier {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A running request `id` at `history_seq`.
+    pub(crate) fn running(id: &str, history_seq: u64) -> Request {
+        let mut r: Request = serde_json::from_value(serde_json::json!({
+            "id": id, "tenant": "t", "queue": "q", "status": "running",
+            "priority": 0, "attempts": 1, "max_attempts": 3, "cancel_requested": false,
+            "input": {}, "fairness_key": "", "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z"
+        }))
+        .expect("a request");
+        // Not on the wire: set it.
+        r.history_seq = history_seq;
+        r
+    }
+
+    /// Where a subscription keeps the latest change, snapshots keep every
+    /// carried change of their request, in order, each as it was; bare
+    /// changes and other requests add none; the last reader gone, the
+    /// entry goes.
+    #[test]
+    fn snapshots_keep_every_change_each_as_it_was() {
+        use coatcheck_core::Status;
+        let hub = Notifier::new();
+        let mut snaps = hub.snapshots("r1");
+        let mut req = running("r1", 3);
+        req.progress = Some(serde_json::value::to_raw_value(&50).unwrap());
+        hub.notify_request(&req);
+        hub.notify(&Key::Request("r1".into()));
+        hub.notify_request(&running("r2", 9));
+        req.status = Status::Succeeded;
+        req.history_seq = 4;
+        hub.notify_request(&req);
+        let (got, lagged) = snaps.drain();
+        assert!(!lagged);
+        let got: Vec<(u64, Status, Option<String>)> = got
+            .iter()
+            .map(|r| {
+                (
+                    r.history_seq,
+                    r.status,
+                    r.progress.as_ref().map(|p| p.get().to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (3, Status::Running, Some("50".to_string())),
+                (4, Status::Succeeded, Some("50".to_string()))
+            ]
+        );
+        assert!(snaps.drain().0.is_empty(), "each change once");
+        // A reader that falls behind is told so, and keeps the latest.
+        for seq in 0..(SNAPSHOTS as u64 + 5) {
+            hub.notify_request(&running("r1", 10 + seq));
+        }
+        let (got, lagged) = snaps.drain();
+        assert!(lagged);
+        assert_eq!(
+            got.last().map(|r| r.history_seq),
+            Some(10 + SNAPSHOTS as u64 + 4)
+        );
+        drop(snaps);
+        assert!(hub.snapshots.lock().unwrap().is_empty());
+    }
 
     #[tokio::test]
     async fn a_notification_after_subscribing_is_never_lost() {
@@ -293,13 +432,7 @@ mod tests {
     async fn finish_waiters_wake_only_when_it_may_have_finished() {
         use coatcheck_core::Status;
         let hub = Notifier::new();
-        let mut req: Request = serde_json::from_value(serde_json::json!({
-            "id": "r1", "tenant": "t", "queue": "q", "status": "running",
-            "priority": 0, "attempts": 1, "max_attempts": 3, "cancel_requested": false,
-            "input": {}, "fairness_key": "", "created_at": "2026-01-01T00:00:00Z",
-            "updated_at": "2026-01-01T00:00:00Z", "history_seq": 2
-        }))
-        .expect("a request");
+        let mut req = running("r1", 2);
         let mut end = hub.subscribe(Key::Finished("r1".into()));
         let mut every = hub.subscribe(Key::Request("r1".into()));
         hub.notify_request(&req);

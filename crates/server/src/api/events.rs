@@ -9,6 +9,10 @@
 //! `204 No Content` (which tells a browser EventSource to stop). Idle
 //! streams send keep-alive comments. A stream costs one task-free future
 //! and a notifier subscription — no polling.
+//!
+//! A live event's data is the request as its own change left it when this
+//! node made the change (the notifier's [`Snapshots`]); for another node's
+//! change, and in replays, it is the request as read.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -29,7 +33,7 @@ use super::problem::ApiError;
 use super::requests::request_ref;
 use crate::engine::Engine;
 use crate::keys::Role;
-use crate::notify::{Key, Subscription};
+use crate::notify::{Key, Snapshots, Subscription};
 
 /// The routes of this file.
 pub fn router() -> Router<Arc<Engine>> {
@@ -77,6 +81,10 @@ struct Stream_ {
     engine: Arc<Engine>,
     r: RequestRef,
     sub: Subscription,
+    /// This node's changes of the request, each with the state it left.
+    snaps: Snapshots,
+    /// Those not yet sent (past `last`), oldest first.
+    seen: Vec<Arc<Request>>,
     last: u64,
     queue: VecDeque<Event>,
     done: bool,
@@ -90,8 +98,24 @@ fn sse_event(name: &str, seq: u64, req: &Request) -> Event {
         .data(serde_json::to_string(req).unwrap_or_default())
 }
 
+/// The state to send with the history event `seq`: the one the change that
+/// wrote it left, if this node saw that change (`seen`: changes with their
+/// state), else the latest known (`read`, which reflects it). A change
+/// leaves the request at its last event's `history_seq`, so the state of
+/// event `seq` is the earliest known state at or after it.
+fn state_at<'a>(seq: u64, seen: &'a [Arc<Request>], read: &'a Request) -> &'a Request {
+    seen.iter()
+        .map(|r| r.as_ref())
+        .filter(|r| r.history_seq >= seq)
+        .min_by_key(|r| r.history_seq)
+        .filter(|r| r.history_seq <= read.history_seq)
+        .unwrap_or(read)
+}
+
 impl Stream_ {
     /// Queues the events after `last`; marks done after the terminal one.
+    /// Each event carries the request as its change left it when this node
+    /// made that change ([`state_at`]), else as `req` shows it.
     ///
     /// `req` must have been read *before* `events`: only the events it
     /// already reflects (`seq <= req.history_seq`) are taken; later ones
@@ -107,7 +131,8 @@ impl Stream_ {
             }
             self.last = e.seq;
             if let Some(name) = event_name(&e.kind) {
-                self.queue.push_back(sse_event(name, e.seq, req));
+                let state = state_at(e.seq, &self.seen, req);
+                self.queue.push_back(sse_event(name, e.seq, state));
             }
             if is_terminal_event(&e.kind) && req.status.is_terminal() {
                 self.done = true;
@@ -118,6 +143,16 @@ impl Stream_ {
             // nothing more will come.
             self.done = true;
         }
+        let last = self.last;
+        self.seen.retain(|r| r.history_seq > last);
+    }
+
+    /// Keeps this node's changes that arrived meanwhile.
+    fn take_snapshots(&mut self) {
+        let (got, _lagged) = self.snaps.drain();
+        // A dropped change only costs its event its own state (it falls
+        // back to a later one), never the event.
+        self.seen.extend(got);
     }
 }
 
@@ -137,12 +172,15 @@ pub async fn events(
     let last = last_event_id(&headers)?;
     // Subscribe before reading, so no change between the read and the wait is lost.
     let sub = engine.notifier.subscribe(Key::Request(r.id.clone()));
+    let snaps = engine.notifier.snapshots(&r.id);
     let req = engine.get(r.clone()).await?;
     let permit = engine.stream_permit(&caller)?;
     let mut st = Stream_ {
         engine: engine.clone(),
         r: r.clone(),
         sub,
+        snaps,
+        seen: Vec::new(),
         last: 0,
         queue: VecDeque::new(),
         done: false,
@@ -184,9 +222,11 @@ async fn next(mut st: Stream_) -> Option<(Result<Event, Infallible>, Stream_)> {
             _ = st.sub.changed() => {}
             _ = st.engine.shutdown.cancelled() => return None,
         }
-        // The request first, then its history (see `push`).
+        // The request first, then its history (see `push`), then the
+        // states of the changes seen meanwhile.
         let req = st.engine.get(st.r.clone()).await.ok()?;
         let events = st.engine.history(st.r.clone(), st.last).await.ok()?;
+        st.take_snapshots();
         st.push(&events, &req);
     }
 }
@@ -202,6 +242,39 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("last-event-id", v);
         Some(last_event_id(&h))
+    }
+
+    /// Each event gets the state its own change left, when this node saw
+    /// that change; else the latest read state (never a state from before
+    /// the event, never one newer than the read).
+    #[test]
+    fn each_event_carries_the_state_its_change_left() {
+        use crate::notify::tests::running;
+        use coatcheck_core::Status;
+        let mut progress = running("r", 3);
+        progress.progress = Some(serde_json::value::to_raw_value(&50).unwrap());
+        let mut done = running("r", 5);
+        done.status = Status::Succeeded;
+        let claimed = Arc::new(running("r", 2));
+        let seen = vec![claimed.clone(), Arc::new(progress), Arc::new(done.clone())];
+        // The read already shows the end: events 2 and 3 still get theirs.
+        assert_eq!(state_at(2, &seen, &done).history_seq, 2);
+        let at3 = state_at(3, &seen, &done);
+        assert_eq!((at3.status, at3.history_seq), (Status::Running, 3));
+        // Event 4 came in the change that ended at 5 (two events, one change).
+        assert_eq!(state_at(4, &seen, &done).status, Status::Succeeded);
+        assert_eq!(state_at(5, &seen, &done).status, Status::Succeeded);
+        // A change this node did not see (another node's, or dropped):
+        // the next known state, or the read.
+        assert_eq!(
+            state_at(3, std::slice::from_ref(&claimed), &done).status,
+            Status::Succeeded
+        );
+        assert_eq!(state_at(3, &[], &done).status, Status::Succeeded);
+        // A state newer than the read is not used for an event the read covers.
+        let mut later = running("r", 9);
+        later.status = Status::Queued;
+        assert_eq!(state_at(5, &[Arc::new(later)], &done).history_seq, 5);
     }
 
     #[test]
