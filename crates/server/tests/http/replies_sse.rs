@@ -217,34 +217,56 @@ async fn events_follow_a_request_live_and_close_after_the_terminal_one() {
     es.expect_end(SOON).await;
 }
 
-/// Changes back to back, faster than the stream may send them: each event
-/// still carries the request as its own change left it (the progress of
-/// that report, `running`), not as the stream found it later.
+/// A stream that falls behind — its client stops reading, the socket's
+/// buffers fill with ~1 MB events, and the server stops sending — while
+/// thirty progress reports and the completion land: once the client reads
+/// again, every event still carries the request as its own change left it
+/// (`running` with that report's progress), not as the stream finds it when
+/// it catches up (`succeeded`).
 #[tokio::test]
-async fn each_event_carries_the_state_its_own_change_left() {
+async fn each_event_carries_the_state_its_own_change_left_even_when_the_stream_falls_behind() {
     let s = TestServer::start().await;
-    for _ in 0..10 {
-        let id = id(&s.submit("sse-fast", json!({"input": 1})).await);
-        let mut es = stream(&s, &id, None).await;
-        check(&es.next(SOON).await, "status", 1, &id, "queued");
-        let c = claim_one(&s, "sse-fast", 30.0).await;
-        for pct in [10, 20] {
-            let body = json!({"lease_token": token(&c), "progress": {"pct": pct}});
-            assert_eq!(heartbeat(&s, &id, body).await.status(), 200);
-        }
-        let done = complete(&s, &id, &token(&c), json!({"done": true})).await;
-        assert_eq!(done.status(), 200);
-        let r = check(&es.next(SOON).await, "status", 2, &id, "running");
-        assert_eq!(r["progress"], Value::Null);
-        for (seq, pct) in [(3, 10), (4, 20)] {
-            let r = check(&es.next(SOON).await, "progress", seq, &id, "running");
-            assert_eq!(r["progress"], json!({ "pct": pct }));
-            assert_eq!(r["output"], Value::Null);
-        }
-        let r = check(&es.next(SOON).await, "status", 5, &id, "succeeded");
-        assert_eq!(r["output"], json!({"done": true}));
-        es.expect_end(SOON).await;
+    let blob = "x".repeat(900 * 1024);
+    let id = id(&s
+        .submit("sse-behind", json!({"input": {"blob": blob}}))
+        .await);
+    let mut es = stream(&s, &id, None).await;
+    check(&es.next(SOON).await, "status", 1, &id, "queued");
+    // From here on the client reads nothing until the request is done.
+    let c = claim_one(&s, "sse-behind", 60.0).await;
+    for pct in 0..30 {
+        let body = json!({"lease_token": token(&c), "progress": {"pct": pct}});
+        assert_eq!(heartbeat(&s, &id, body).await.status(), 200);
     }
+    let done = complete(&s, &id, &token(&c), json!({"done": true})).await;
+    assert_eq!(done.status(), 200);
+
+    // What each event says, without its megabyte of input.
+    let mut got = Vec::new();
+    for _ in 0..32 {
+        let e = es.next(SOON).await;
+        let r = e.json();
+        got.push((
+            e.event.clone(),
+            e.seq(),
+            r["status"].as_str().unwrap_or_default().to_string(),
+            r["progress"]["pct"].as_u64(),
+            r["output"] != Value::Null,
+        ));
+    }
+    let mut want = vec![("status".to_string(), 2, "running".to_string(), None, false)];
+    for pct in 0..30u64 {
+        want.push((
+            "progress".into(),
+            3 + pct,
+            "running".into(),
+            Some(pct),
+            false,
+        ));
+    }
+    want.push(("status".into(), 33, "succeeded".into(), Some(29), true));
+    assert_eq!(got, want);
+    es.expect_end(SOON).await;
 }
 
 #[tokio::test]
