@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use coatcheck_core::Request;
+use serde_json::value::RawValue;
 use tokio::sync::{broadcast, watch, Notify};
 
 /// What a key's channel carries (every send wakes its subscribers): for a
@@ -57,8 +58,18 @@ pub struct Notifier {
 /// are dropped (its reader then falls back to reading the request).
 const SNAPSHOTS: usize = 64;
 
+/// A change's state to keep for a stream: the request without its input,
+/// which never changes (the stream has it from its own read) and may be a
+/// megabyte — a stream that falls behind holds up to [`SNAPSHOTS`] of these.
+fn without_input(req: &Request) -> Request {
+    let mut kept = req.clone();
+    kept.input = RawValue::from_string("null".into()).expect("null is JSON");
+    kept
+}
+
 /// Every change of one request made on this node, each with the request as
-/// that change left it — where a [`Subscription`] keeps only the latest. An
+/// that change left it (but its `input`, which never changes, left out as
+/// `null`) — where a [`Subscription`] keeps only the latest. An
 /// event stream pairs each history event with the state it produced, even
 /// when several changes land before the stream looks (a progress report
 /// and the completion right after it). Changes made on other nodes come
@@ -260,15 +271,15 @@ impl Notifier {
     /// order (two tasks finishing at once): an older state never replaces
     /// a newer one that was already handed over.
     pub fn notify_request(&self, req: &Request) {
-        let mut copy: Option<Arc<Request>> = None;
         {
             // Before the wake-ups: a stream woken by this change finds its
             // state already there.
             let snaps = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(tx) = snaps.get(&req.id) {
-                let _ = tx.send(copy.get_or_insert_with(|| Arc::new(req.clone())).clone());
+                let _ = tx.send(Arc::new(without_input(req)));
             }
         }
+        let mut copy: Option<Arc<Request>> = None;
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let mut hand_over = |key: Key| {
             if let Some(tx) = keys.get(&key) {
@@ -401,6 +412,11 @@ pub(crate) mod tests {
             ]
         );
         assert!(snaps.drain().0.is_empty(), "each change once");
+        // Kept without the input, which never changes and may be large.
+        hub.notify_request(&req);
+        let (kept, _) = snaps.drain();
+        assert_eq!(kept[0].input.get(), "null");
+        assert_ne!(req.input.get(), "null");
         // A reader that falls behind is told so, and keeps the latest.
         for seq in 0..(SNAPSHOTS as u64 + 5) {
             hub.notify_request(&running("r1", 10 + seq));

@@ -132,7 +132,15 @@ impl Stream_ {
             self.last = e.seq;
             if let Some(name) = event_name(&e.kind) {
                 let state = state_at(e.seq, &self.seen, req);
-                self.queue.push_back(sse_event(name, e.seq, state));
+                let event = if std::ptr::eq(state, req) {
+                    sse_event(name, e.seq, req)
+                } else {
+                    // A kept change: its input was left out (it never changes).
+                    let mut full = state.clone();
+                    full.input = req.input.clone();
+                    sse_event(name, e.seq, &full)
+                };
+                self.queue.push_back(event);
             }
             if is_terminal_event(&e.kind) && req.status.is_terminal() {
                 self.done = true;

@@ -252,9 +252,19 @@ async fn each_event_carries_the_state_its_own_change_left_even_when_the_stream_f
             r["status"].as_str().unwrap_or_default().to_string(),
             r["progress"]["pct"].as_u64(),
             r["output"] != Value::Null,
+            r["input"]["blob"].as_str().map(str::len),
         ));
     }
-    let mut want = vec![("status".to_string(), 2, "running".to_string(), None, false)];
+    // Every event has the whole input (kept changes leave it out).
+    let input = Some(blob.len());
+    let mut want = vec![(
+        "status".to_string(),
+        2,
+        "running".to_string(),
+        None,
+        false,
+        input,
+    )];
     for pct in 0..30u64 {
         want.push((
             "progress".into(),
@@ -262,9 +272,17 @@ async fn each_event_carries_the_state_its_own_change_left_even_when_the_stream_f
             "running".into(),
             Some(pct),
             false,
+            input,
         ));
     }
-    want.push(("status".into(), 33, "succeeded".into(), Some(29), true));
+    want.push((
+        "status".into(),
+        33,
+        "succeeded".into(),
+        Some(29),
+        true,
+        input,
+    ));
     assert_eq!(got, want);
     es.expect_end(SOON).await;
 }
