@@ -45,6 +45,9 @@ const NAME_C: &CStr = c"coatcheck-wal";
 /// transaction spilling pages).
 const BUFFER_LIMIT: usize = 1 << 20;
 
+/// The buffer capacity kept between commits.
+const KEEP: usize = 256 * 1024;
+
 /// The most one write passes on: the unix VFS writes at most 128 KiB − 1
 /// per call (it masks longer lengths), so longer buffers go in pieces.
 const CHUNK: usize = 0x1f000;
@@ -184,9 +187,11 @@ unsafe fn flush(f: *mut ffi::sqlite3_file) -> c_int {
         }
         at += piece.len() as i64;
     }
-    // Keep the allocation for the next commit.
+    // Keep the allocation for the next commit — unless a large transaction
+    // grew it (commits of the echo workload are ~20–200 KiB).
     (*pending).data = data;
     (*pending).data.clear();
+    (*pending).data.shrink_to(KEEP);
     rc
 }
 
