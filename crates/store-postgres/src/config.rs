@@ -15,8 +15,10 @@
 //!   certificate not checked, as libpq), `require` (TLS or no connection,
 //!   certificate not checked, as libpq without a root certificate) and
 //!   `verify-full` (TLS, and the certificate must chain to `sslrootcert` — a
-//!   PEM file — or to the public web roots, and name the host). Other modes
-//!   and `sslrootcert` without `verify-full` are refused, so that nothing is
+//!   PEM file — or to the public web roots, and name the host), `verify-ca`
+//!   (TLS, and the certificate must chain to `sslrootcert`, which it needs;
+//!   the host name is not checked). Other modes, and `sslrootcert` with a
+//!   mode that checks no certificate, are refused, so that nothing is
 //!   checked less than the URL seems to say.
 //!
 //! Every connection also gets `application_name=coatcheck` (unless the URL
@@ -49,6 +51,14 @@ pub enum TlsMode {
     VerifyFull {
         /// `sslrootcert`.
         roots: Option<std::path::PathBuf>,
+    },
+    /// TLS, certificate checked against these roots (a PEM file), but not
+    /// the host name (`verify-ca`): for a database reached by an address its
+    /// certificate does not name, under a private CA.
+    VerifyCa {
+        /// `sslrootcert` (required: any public CA would vouch for anyone's
+        /// certificate when the name is not checked).
+        roots: std::path::PathBuf,
     },
 }
 
@@ -133,9 +143,16 @@ impl PgOptions {
         }
         let tls = match (sslmode.as_deref(), sslrootcert) {
             (Some("verify-full"), roots) => TlsMode::VerifyFull { roots },
+            (Some("verify-ca"), Some(roots)) => TlsMode::VerifyCa { roots },
+            (Some("verify-ca"), None) => {
+                return Err(UrlError(
+                    "sslmode=verify-ca needs sslrootcert (the CA to check the certificate against)"
+                        .into(),
+                ))
+            }
             (_, Some(_)) => {
                 return Err(UrlError(
-                    "sslrootcert is only used with sslmode=verify-full".into(),
+                    "sslrootcert is only used with sslmode=verify-full or verify-ca".into(),
                 ))
             }
             (None | Some("disable"), None) => TlsMode::Off,
@@ -143,7 +160,7 @@ impl PgOptions {
             (Some("require"), None) => TlsMode::Require,
             (Some(other), None) => {
                 return Err(UrlError(format!(
-                "sslmode {other:?} is not supported: use disable, prefer, require or verify-full"
+                "sslmode {other:?} is not supported: use disable, prefer, require, verify-ca or verify-full"
             )))
             }
         };
@@ -157,7 +174,7 @@ impl PgOptions {
         pg.ssl_mode(match tls {
             TlsMode::Off => tokio_postgres::config::SslMode::Disable,
             TlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-            TlsMode::Require | TlsMode::VerifyFull { .. } => {
+            TlsMode::Require | TlsMode::VerifyFull { .. } | TlsMode::VerifyCa { .. } => {
                 tokio_postgres::config::SslMode::Require
             }
         });
@@ -241,6 +258,12 @@ mod tests {
             mode("?sslmode=verify-full&sslrootcert=/etc/ca.pem").unwrap(),
             TlsMode::VerifyFull {
                 roots: Some("/etc/ca.pem".into())
+            }
+        );
+        assert_eq!(
+            mode("?sslmode=verify-ca&sslrootcert=/etc/ca.pem").unwrap(),
+            TlsMode::VerifyCa {
+                roots: "/etc/ca.pem".into()
             }
         );
         for bad in [

@@ -7,7 +7,9 @@
 //! certificate — what libpq does for them without a root certificate: it
 //! keeps the traffic from being read on the wire, not a server from being
 //! impersonated. `verify-full` checks the chain (to `sslrootcert` or the
-//! public web roots) and that the certificate names the host connected to.
+//! public web roots) and that the certificate names the host connected to;
+//! `verify-ca` checks the chain to `sslrootcert` only (rustls's own check,
+//! with a name mismatch — found after the chain was accepted — let through).
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
+use tokio_rustls::rustls::client::WebPkiServerVerifier;
 use tokio_rustls::rustls::crypto::{
     verify_tls12_signature, verify_tls13_signature, CryptoProvider,
 };
@@ -34,50 +37,94 @@ pub fn connector(mode: &TlsMode) -> Result<MakeRustlsConnect, String> {
     let config = match mode {
         TlsMode::Off | TlsMode::Prefer | TlsMode::Require => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unchecked(provider)))
+            .with_custom_certificate_verifier(Arc::new(Relaxed {
+                provider,
+                chain: None,
+            }))
             .with_no_client_auth(),
         TlsMode::VerifyFull { roots } => {
-            let mut store = rustls::RootCertStore::empty();
-            match roots {
-                Some(path) => {
-                    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                        .and_then(|it| it.collect())
-                        .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
-                    if certs.is_empty() {
-                        return Err(format!(
-                            "sslrootcert {}: no certificate in it",
-                            path.display()
-                        ));
-                    }
-                    for c in certs {
-                        store
-                            .add(c)
-                            .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
-                    }
+            let store = match roots {
+                Some(path) => root_store(path)?,
+                None => {
+                    let mut store = rustls::RootCertStore::empty();
+                    store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+                    store
                 }
-                None => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-            }
+            };
             builder.with_root_certificates(store).with_no_client_auth()
+        }
+        TlsMode::VerifyCa { roots } => {
+            let chain = WebPkiServerVerifier::builder_with_provider(
+                Arc::new(root_store(roots)?),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| format!("sslrootcert {}: {e}", roots.display()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Relaxed {
+                    provider,
+                    chain: Some(chain),
+                }))
+                .with_no_client_auth()
         }
     };
     Ok(MakeRustlsConnect::new(config))
 }
 
-/// Accepts any server certificate (`prefer`, `require`), but still checks
-/// that the server holds its key (the handshake's signatures).
-#[derive(Debug)]
-struct Unchecked(Arc<CryptoProvider>);
+/// The certificates of the PEM file at `path`; none, or an unreadable file,
+/// is an error.
+fn root_store(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect())
+        .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "sslrootcert {}: no certificate in it",
+            path.display()
+        ));
+    }
+    let mut store = rustls::RootCertStore::empty();
+    for c in certs {
+        store
+            .add(c)
+            .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+    }
+    Ok(store)
+}
 
-impl ServerCertVerifier for Unchecked {
+/// A verifier that checks less than rustls's own: for `prefer` and
+/// `require` (`chain: None`) any certificate; for `verify-ca` the full check
+/// of the chain (to `sslrootcert`, validity, usage, signatures) but not that
+/// the certificate names the host. Either way the handshake's signatures
+/// are checked, so the server must hold the certificate's key.
+#[derive(Debug)]
+struct Relaxed {
+    provider: Arc<CryptoProvider>,
+    chain: Option<Arc<WebPkiServerVerifier>>,
+}
+
+impl ServerCertVerifier for Relaxed {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            // rustls checks the name after the chain: a name mismatch means
+            // the chain itself was accepted.
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
     }
 
     fn verify_tls12_signature(
@@ -90,7 +137,7 @@ impl ServerCertVerifier for Unchecked {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -104,11 +151,13 @@ impl ServerCertVerifier for Unchecked {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

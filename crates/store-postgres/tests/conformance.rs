@@ -767,4 +767,77 @@ mod tls {
         .expect_err("no such root file");
         assert!(err.to_string().contains("sslrootcert"), "{err}");
     }
+
+    /// `verify-ca` checks that the server's certificate chains to
+    /// `sslrootcert` but not that it names the host: the local server's
+    /// self-signed certificate (read from the file the server names) is its
+    /// own CA and names `localhost`, while the tests connect to an address.
+    /// `verify-full` refuses that name; `verify-ca` accepts it, encrypts,
+    /// and refuses any other CA; without `sslrootcert` it is refused.
+    #[tokio::test]
+    async fn verify_ca_checks_the_chain_and_not_the_name() {
+        let schema = TestSchema::create().await;
+        let plain = PgStore::open(&schema.url(), StoreOptions::default())
+            .await
+            .expect("open");
+        let o = PgOptions::parse(&schema.url()).expect("a valid URL");
+        let (client, conn) = o.pg.connect(tokio_postgres::NoTls).await.expect("connect");
+        let driver = tokio::spawn(conn);
+        let cert_file: String = client
+            .query_one("SHOW ssl_cert_file", &[])
+            .await
+            .expect("ssl_cert_file")
+            .get(0);
+        drop(client);
+        let _ = driver.await;
+        plain.store_close().await;
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let server_ca = dir.path().join("server.pem");
+        std::fs::copy(&cert_file, &server_ca)
+            .unwrap_or_else(|e| panic!("the server's certificate {cert_file}: {e}"));
+        let other_ca = dir.path().join("other.pem");
+        let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("a CA");
+        std::fs::write(&other_ca, other.cert.pem()).expect("write");
+        let host = o.pg.get_hosts().first().cloned();
+        assert!(
+            matches!(&host, Some(tokio_postgres::config::Host::Tcp(h)) if h.parse::<std::net::IpAddr>().is_ok()),
+            "the test database is reached by address: {host:?}"
+        );
+
+        let with = |mode: &str, ca: &std::path::Path| {
+            schema.url_with(&format!(
+                "sslmode={mode}&sslrootcert={}&pool_size=1",
+                ca.display()
+            ))
+        };
+        let err = PgStore::open(&with("verify-full", &server_ca), StoreOptions::default())
+            .await
+            .expect_err("the certificate does not name the address");
+        assert!(err.to_string().contains("certificate"), "{err}");
+
+        let url = with("verify-ca", &server_ca);
+        let store = PgStore::open(&url, StoreOptions::default())
+            .await
+            .expect("verify-ca accepts a certificate of its CA under another name");
+        store.store_ping().await.expect("ready");
+        let seen = sessions(&url).await;
+        assert!(
+            !seen.is_empty() && seen.iter().all(|(ssl, _)| *ssl),
+            "{seen:?}"
+        );
+        store.store_close().await;
+
+        let err = PgStore::open(&with("verify-ca", &other_ca), StoreOptions::default())
+            .await
+            .expect_err("a certificate of another CA is refused");
+        assert!(err.to_string().contains("certificate"), "{err}");
+
+        let err = PgStore::open(
+            &schema.url_with("sslmode=verify-ca"),
+            StoreOptions::default(),
+        )
+        .await
+        .expect_err("verify-ca without a CA");
+        assert!(err.to_string().contains("sslrootcert"), "{err}");
+    }
 }
