@@ -101,7 +101,6 @@ static PARENT: std::sync::atomic::AtomicPtr<ffi::sqlite3_vfs> =
 #[repr(C)]
 struct File {
     base: ffi::sqlite3_file,
-    inner: *mut ffi::sqlite3_file,
     /// Set for WAL files only.
     wal: *mut Pending,
 }
@@ -127,14 +126,13 @@ unsafe extern "C" fn x_open(
 ) -> c_int {
     let parent = PARENT.load(Ordering::Acquire);
     let me = file.cast::<File>();
-    let inner = file.cast::<u8>().add(HEADER).cast::<ffi::sqlite3_file>();
+    let inner = parent_file(file);
     std::ptr::write(
         me,
         File {
             base: ffi::sqlite3_file {
                 pMethods: std::ptr::null(),
             },
-            inner,
             wal: std::ptr::null_mut(),
         },
     );
@@ -153,11 +151,16 @@ unsafe extern "C" fn x_open(
     rc
 }
 
-/// The parent's methods of this file.
+/// The parent's file inside ours (at [`HEADER`]).
+unsafe fn parent_file(f: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
+    f.cast::<u8>().add(HEADER).cast::<ffi::sqlite3_file>()
+}
+
+/// The parent's methods of this file, and its file.
 unsafe fn methods(
     f: *mut ffi::sqlite3_file,
 ) -> (&'static ffi::sqlite3_io_methods, *mut ffi::sqlite3_file) {
-    let inner = (*f.cast::<File>()).inner;
+    let inner = parent_file(f);
     (&*(*inner).pMethods, inner)
 }
 
