@@ -166,6 +166,18 @@ fn bad_flags_refuse_to_start_with_a_clear_message() {
             ],
             "--webhook-retries",
         ),
+        (
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                d,
+                "--threads",
+                "0",
+            ],
+            "--threads",
+        ),
     ] {
         let out = crate::proc::run(&args, None);
         assert!(!out.status.success(), "{args:?} should fail");
