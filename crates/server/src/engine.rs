@@ -153,15 +153,42 @@ impl Engine {
     }
 
     /// Stores a new request (or finds it by idempotency key).
-    pub async fn submit(&self, mut p: SubmitParams) -> Result<Submitted> {
+    pub async fn submit(&self, p: SubmitParams) -> Result<Submitted> {
+        Ok(self.submit_as(p, false).await?.0)
+    }
+
+    /// [`Engine::submit`] for a caller that holds its answer until the
+    /// request finishes (`Prefer: wait`): the store may answer before the
+    /// request is on disk, with a mark the caller must pass to
+    /// [`Engine::sync_through`] before it answers anything
+    /// (`Store::request_submit_unsynced`).
+    pub async fn submit_unsynced(&self, p: SubmitParams) -> Result<(Submitted, Option<u64>)> {
+        self.submit_as(p, true).await
+    }
+
+    async fn submit_as(
+        &self,
+        mut p: SubmitParams,
+        unsynced: bool,
+    ) -> Result<(Submitted, Option<u64>)> {
         let now = self.now();
         p.now = now;
-        let out = self.store.request_submit(p).await?;
-        if let Submitted::Created(req) = &out {
+        let out = if unsynced {
+            self.store.request_submit_unsynced(p).await?
+        } else {
+            (self.store.request_submit(p).await?, None)
+        };
+        if let Submitted::Created(req) = &out.0 {
             self.metrics.add(Counter::Submitted, &req.queue, 1);
             self.observe(req, now);
         }
         Ok(out)
+    }
+
+    /// Returns once everything before `mark` is durable (see
+    /// [`Engine::submit_unsynced`]).
+    pub async fn sync_through(&self, mark: u64) -> Result<()> {
+        self.store.sync_through(mark).await
     }
 
     /// One request.

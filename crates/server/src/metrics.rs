@@ -182,8 +182,15 @@ impl Metrics {
 
     /// Renders everything in the Prometheus text format, with the current
     /// counts by queue and status from the store.
-    pub fn render(&self, queues: &[QueueCounts]) -> String {
+    pub fn render(&self, queues: &[QueueCounts], flushes: Option<u64>) -> String {
         let mut out = String::with_capacity(4096);
+        if let Some(n) = flushes {
+            out.push_str(
+                "# HELP coatcheck_store_flushes_total fsyncs the embedded store made to make commits durable.\n",
+            );
+            out.push_str("# TYPE coatcheck_store_flushes_total counter\n");
+            let _ = writeln!(out, "coatcheck_store_flushes_total {n}");
+        }
         out.push_str("# HELP coatcheck_requests Requests by queue and status.\n");
         out.push_str("# TYPE coatcheck_requests gauge\n");
         for q in queues {

@@ -23,6 +23,7 @@ pub mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
@@ -68,6 +69,8 @@ pub struct SqliteStore {
     writer: Mutex<Option<JoinHandle<()>>>,
     reads: ReadPool,
     waker: Arc<OnceLock<QueueWaker>>,
+    /// Commits made and covered by an fsync (for unsynced submits).
+    marks: Arc<sync::Marks>,
     _lock: File,
 }
 
@@ -165,7 +168,9 @@ impl SqliteStore {
         let checkpoints = connect(&db).map_err(|e| io_err(&dir, e))?;
         let mut wal = db.clone().into_os_string();
         wal.push("-wal");
-        let (syncer, synced) = sync::spawn(wal.into(), checkpoints).map_err(|e| io_err(&dir, e))?;
+        let marks = Arc::new(sync::Marks::default());
+        let (syncer, synced) =
+            sync::spawn(wal.into(), checkpoints, marks.clone()).map_err(|e| io_err(&dir, e))?;
         let waker: Arc<OnceLock<QueueWaker>> = Arc::default();
         let w = waker.clone();
         let writer = std::thread::Builder::new()
@@ -179,6 +184,7 @@ impl SqliteStore {
             next_park: Default::default(),
             writer: Mutex::new(Some(writer)),
             waker,
+            marks,
             _lock: lock,
         })
     }
@@ -354,6 +360,34 @@ impl Store for SqliteStore {
 
     async fn request_submit(&self, p: SubmitParams) -> Result<Submitted> {
         self.write(|tx| Cmd::Submit(Box::new(p), tx)).await
+    }
+
+    async fn request_submit_unsynced(&self, p: SubmitParams) -> Result<(Submitted, Option<u64>)> {
+        let marks = self.marks.clone();
+        let (submitted, mark) = self
+            .write(|tx| Cmd::SubmitUnsynced(Box::new(p), marks, tx))
+            .await?;
+        Ok((submitted, (!self.marks.covers(mark)).then_some(mark)))
+    }
+
+    async fn sync_through(&self, mark: u64) -> Result<()> {
+        if self.marks.covers(mark) {
+            return Ok(());
+        }
+        // A command that must be durable: its batch is flushed, and that
+        // flush covers every earlier commit.
+        self.write(Cmd::Sync).await?;
+        if self.marks.covers(mark) {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "an earlier flush of the write-ahead log failed; changes made before it cannot be vouched for".into(),
+            ))
+        }
+    }
+
+    fn flushes(&self) -> Option<u64> {
+        Some(self.marks.flushes.load(Ordering::Relaxed))
     }
 
     async fn webhook_claim_due(

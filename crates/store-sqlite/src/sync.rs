@@ -36,7 +36,7 @@
 //! the WAL grew by ~60 MB/s under the echo benchmark.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
@@ -52,6 +52,34 @@ pub struct SyncJob {
     /// Whether this commit holds a change whose acknowledgement promises
     /// durability (otherwise the job only keeps its place in line).
     pub fsync: bool,
+}
+
+/// How far commits and flushes have got: a commit numbered `n` (the
+/// writer counts them) is durable once `synced >= n`. Shared by the writer,
+/// the syncer and the store (for submits answered before their flush, see
+/// `Store::request_submit_unsynced`).
+#[derive(Debug, Default)]
+pub struct Marks {
+    /// Commits made so far (bumped right after each `COMMIT`, before any
+    /// of its answers leaves).
+    pub committed: AtomicU64,
+    /// The highest commit an fsync is known to cover: `committed` as read
+    /// just before a successful fsync (every commit before the read had
+    /// written its frames), raised before that fsync's answers leave.
+    pub synced: AtomicU64,
+    /// Successful fsyncs of the WAL.
+    pub flushes: AtomicU64,
+    /// An fsync failed. The kernel may have dropped the pages it could not
+    /// write and let a later fsync succeed, so from then on no mark counts
+    /// as covered: a commit answered before its flush cannot be vouched for.
+    pub failed: AtomicBool,
+}
+
+impl Marks {
+    /// Whether every commit up to `mark` is known to be on disk.
+    pub fn covers(&self, mark: u64) -> bool {
+        !self.failed.load(Ordering::Acquire) && self.synced.load(Ordering::Acquire) >= mark
+    }
 }
 
 /// The shortest time between two checkpoints. Each one fsyncs the WAL and
@@ -70,6 +98,7 @@ pub const CATCH_UP_FRAMES: i64 = 2048;
 pub fn spawn(
     wal: PathBuf,
     checkpoints: rusqlite::Connection,
+    marks: Arc<Marks>,
 ) -> std::io::Result<(Syncer, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let (kick_tx, kick_rx) = mpsc::sync_channel::<()>(1);
@@ -79,11 +108,16 @@ pub fn spawn(
         .name("coatcheck-sqlite-checkpointer".into())
         .spawn(move || checkpoint_loop(&checkpoints, kick_rx, &flag))?;
     let in_flight = Arc::new(AtomicUsize::new(0));
-    let (count, path, kick) = (in_flight.clone(), wal.clone(), kick_tx.clone());
+    let (count, path, kick, m) = (
+        in_flight.clone(),
+        wal.clone(),
+        kick_tx.clone(),
+        marks.clone(),
+    );
     let handle = std::thread::Builder::new()
         .name("coatcheck-sqlite-syncer".into())
         .spawn(move || {
-            run(&path, rx, &kick, &count);
+            run(&path, rx, &kick, &count, &m);
             drop(kick);
             let _ = checkpointer.join();
         })?;
@@ -93,6 +127,7 @@ pub fn spawn(
         in_flight,
         wal,
         kick: kick_tx,
+        marks,
     };
     Ok((syncer, handle))
 }
@@ -110,6 +145,8 @@ pub struct Syncer {
     in_flight: Arc<AtomicUsize>,
     wal: PathBuf,
     kick: mpsc::SyncSender<()>,
+    /// Commits made and covered by an fsync.
+    pub marks: Arc<Marks>,
 }
 
 impl Syncer {
@@ -130,7 +167,7 @@ impl Syncer {
     /// asks for it) and answers. Only when [`Syncer::idle`]: answers leave
     /// in commit order, and every earlier commit is already on disk.
     pub fn sync_here(&self, job: SyncJob) {
-        finish(&self.wal, vec![job], &self.kick);
+        finish(&self.wal, vec![job], &self.kick, &self.marks);
     }
 }
 
@@ -151,6 +188,7 @@ fn run(
     rx: mpsc::Receiver<SyncJob>,
     kick: &mpsc::SyncSender<()>,
     in_flight: &AtomicUsize,
+    marks: &Marks,
 ) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
@@ -158,19 +196,32 @@ fn run(
             jobs.push(more);
         }
         let n = jobs.len();
-        finish(wal, jobs, kick);
+        finish(wal, jobs, kick, marks);
         in_flight.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
 /// One fsync for `jobs` (if any asks for it), then their answers, then a
 /// nudge to the checkpointer.
-fn finish(wal: &std::path::Path, jobs: Vec<SyncJob>, kick: &mpsc::SyncSender<()>) {
+fn finish(wal: &std::path::Path, jobs: Vec<SyncJob>, kick: &mpsc::SyncSender<()>, marks: &Marks) {
     let err = if jobs.iter().any(|j| j.fsync) {
-        sync_file(wal).err().map(|e| {
-            tracing::error!(error = %e, wal = %wal.display(), "fsync of the WAL failed; the commits it covers are refused");
-            StoreError::Unavailable(format!("the write-ahead log could not be flushed to disk: {e}"))
-        })
+        // Read before the fsync: every commit counted so far has written
+        // its frames, so the fsync covers it.
+        let through = marks.committed.load(Ordering::Acquire);
+        match sync_file(wal) {
+            Ok(()) => {
+                marks.synced.fetch_max(through, Ordering::AcqRel);
+                marks.flushes.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(e) => {
+                marks.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, wal = %wal.display(), "fsync of the WAL failed; the commits it covers are refused");
+                Some(StoreError::Unavailable(format!(
+                    "the write-ahead log could not be flushed to disk: {e}"
+                )))
+            }
+        }
     } else {
         None
     };

@@ -51,6 +51,17 @@ type Reply<T> = oneshot::Sender<Result<T>>;
 /// A write command.
 pub enum Cmd {
     Submit(Box<SubmitParams>, Reply<Submitted>),
+    /// A submit answered at its commit, before any flush, with the number of
+    /// that commit (counted in these marks): its caller holds its
+    /// acknowledgement until a flush covers it
+    /// (`Store::request_submit_unsynced`).
+    SubmitUnsynced(
+        Box<SubmitParams>,
+        std::sync::Arc<crate::sync::Marks>,
+        Reply<(Submitted, u64)>,
+    ),
+    /// Answers once everything committed before it is on disk.
+    Sync(Reply<()>),
     Claim(ClaimParams, Reply<Vec<Request>>),
     /// A claim that, finding nothing, stays parked under this id until the
     /// writer hands it work or it is unparked (`Store::request_claim_parked`).
@@ -100,6 +111,7 @@ impl Cmd {
         matches!(
             self,
             Cmd::Submit(..)
+                | Cmd::Sync(..)
                 | Cmd::Settle(..)
                 | Cmd::Cancel(..)
                 | Cmd::Redrive(..)
@@ -158,6 +170,29 @@ fn answer(cmd: Cmd, res: Result<Out>) -> Answer {
     }
     match cmd {
         Cmd::Submit(_, tx) => give!(tx, Out::Submitted(s) => s),
+        Cmd::SubmitUnsynced(_, marks, tx) => {
+            let res = res.and_then(|out| match out {
+                Out::Submitted(s) => Ok(s),
+                _ => Err(StoreError::Internal(
+                    "a command produced the wrong kind of result".into(),
+                )),
+            });
+            // Called right after the commit, on the writer's thread, which
+            // counted the commit just before: the count is this commit's.
+            Box::new(move |commit_err| {
+                let res = match commit_err {
+                    Some(e) => Err(e.clone()),
+                    None => res.map(|s| {
+                        (
+                            s,
+                            marks.committed.load(std::sync::atomic::Ordering::Acquire),
+                        )
+                    }),
+                };
+                let _ = tx.send(res);
+            })
+        }
+        Cmd::Sync(tx) => give!(tx, Out::Unit => ()),
         Cmd::Claim(_, tx) | Cmd::ClaimParked(_, tx, _) => give!(tx, Out::Requests(r) => r),
         Cmd::Poke(..) | Cmd::Unpark(..) => Box::new(|_| {}),
         Cmd::Heartbeat(_, tx) => give!(tx, Out::Changed(c) => c),
@@ -377,6 +412,12 @@ impl Writer<'_> {
             }
             return;
         }
+        // Counted before any answer leaves: a caller holding an unsynced
+        // submit's answer reads a count that includes its commit.
+        self.sync
+            .marks
+            .committed
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         // The fsync is the long pole: the syncer gets the commit first, so
         // it is not left waiting while the answers below wake other threads
         // (which may take this core from the writer).
@@ -575,7 +616,8 @@ impl Writer<'_> {
     /// an item that fails after writing fails the whole call.
     fn exec(&self, cmd: &Cmd, guarded: bool) -> Result<Out> {
         Ok(match cmd {
-            Cmd::Submit(p, _) => {
+            Cmd::Sync(_) => Out::Unit,
+            Cmd::Submit(p, _) | Cmd::SubmitUnsynced(p, ..) => {
                 self.saw_time(p.now);
                 let res = self.submit((**p).clone())?;
                 if let Submitted::Created(r) = &res {

@@ -286,3 +286,92 @@ async fn the_migration_counts_the_requests_already_there() {
     assert_eq!(old.counts, vec![(Status::Queued, 4)]);
     store.store_close().await;
 }
+
+/// A submit answered before its flush (`request_submit_unsynced`: a
+/// `Prefer: wait` submit) costs no fsync of its own — the completion's
+/// flush covers it, and `sync_through` then needs none — while a mark that
+/// no flush covered yet gets one on demand. A plain submit is flushed before
+/// it answers. (Fails if unsynced submits flush, or if `sync_through` returns
+/// without a flush that covers the mark.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsynced_submit_is_covered_by_the_next_flush_or_on_demand() {
+    use coatcheck_store::{ClaimParams, SettleParams, Settlement, Store, SubmitParams, Submitted};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path(), StoreOptions::default()).expect("open");
+    let flushes = || {
+        store
+            .flushes()
+            .expect("the embedded store counts its flushes")
+    };
+    let submit = |queue: &str| SubmitParams {
+        new: coatcheck_store::conformance::new_request(queue),
+        idempotency: None,
+        now: chrono::Utc::now(),
+    };
+
+    let before = flushes();
+    store.request_submit(submit("plain")).await.expect("submit");
+    assert_eq!(
+        flushes(),
+        before + 1,
+        "a plain submit is flushed before it answers"
+    );
+
+    let before = flushes();
+    let (created, mark) = store
+        .request_submit_unsynced(submit("waits"))
+        .await
+        .expect("unsynced submit");
+    let mark = mark.expect("answered before any flush covered it");
+    assert!(matches!(created, Submitted::Created(_)));
+    assert_eq!(flushes(), before, "no flush of its own");
+    let claimed = store
+        .request_claim(ClaimParams {
+            queue: "waits".into(),
+            worker_id: "w".into(),
+            max: 1,
+            lease: std::time::Duration::from_secs(60),
+            fairness: Default::default(),
+            now: chrono::Utc::now(),
+        })
+        .await
+        .expect("claim");
+    assert_eq!(flushes(), before, "a claim is not flushed");
+    let r = &claimed[0];
+    let settled = store
+        .request_settle_many(
+            vec![SettleParams {
+                id: r.id.clone(),
+                queue: None,
+                lease_token: r.lease.as_ref().expect("leased").token.clone(),
+                settlement: Settlement::Complete {
+                    output: r.input.clone(),
+                },
+            }],
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("settle");
+    settled
+        .into_iter()
+        .for_each(|s| drop(s.expect("completed")));
+    assert_eq!(flushes(), before + 1, "the completion is flushed");
+    store.sync_through(mark).await.expect("covered");
+    assert_eq!(
+        flushes(),
+        before + 1,
+        "the completion's flush covered the submit"
+    );
+
+    let (_, mark) = store
+        .request_submit_unsynced(submit("waits"))
+        .await
+        .expect("unsynced submit");
+    let mark = mark.expect("answered before any flush covered it");
+    let before = flushes();
+    store.sync_through(mark).await.expect("flushed on demand");
+    assert_eq!(flushes(), before + 1, "one flush on demand");
+    store.sync_through(mark).await.expect("covered");
+    assert_eq!(flushes(), before + 1, "and none the second time");
+    store.store_close().await;
+}

@@ -554,6 +554,33 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a new request durably (or finds it by idempotency key).
     async fn request_submit(&self, p: SubmitParams) -> Result<Submitted>;
 
+    /// [`Store::request_submit`] for a caller that holds back its answer
+    /// anyway (a submit with `Prefer: wait` answers when the request
+    /// finishes): the store may answer before the request is on disk and
+    /// leave the flush to a later durable change — the completion's own
+    /// flush covers the submit. It then answers a **mark**, and the caller
+    /// must not acknowledge the request (nor reveal it as stored) before
+    /// [`Store::sync_through`] with that mark has returned. `None`: durable
+    /// already. The default is [`Store::request_submit`], durable at once.
+    async fn request_submit_unsynced(&self, p: SubmitParams) -> Result<(Submitted, Option<u64>)> {
+        Ok((self.request_submit(p).await?, None))
+    }
+
+    /// Returns once every change made before `mark` (from
+    /// [`Store::request_submit_unsynced`]) is durable, flushing if no flush
+    /// covered it yet. At once when a flush already did (the usual case: the
+    /// request's completion was flushed before its waiter woke).
+    async fn sync_through(&self, mark: u64) -> Result<()> {
+        let _ = mark;
+        Ok(())
+    }
+
+    /// Flushes this store made to make commits durable, if it counts them
+    /// (the embedded store does; a database server flushes on its own).
+    fn flushes(&self) -> Option<u64> {
+        None
+    }
+
     /// Takes up to `limit` webhook deliveries due at `now`, leasing each for
     /// `lease` (so no other node attempts it meanwhile; if this node dies the
     /// attempt is made again after the lease).

@@ -117,7 +117,7 @@ pub async fn metrics(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     let stats = engine.store.queue_stats(engine.now()).await?;
-    let body = engine.metrics.render(&stats);
+    let body = engine.metrics.render(&stats, engine.store.flushes());
     Ok((
         [(
             header::CONTENT_TYPE,

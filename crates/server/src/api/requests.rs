@@ -253,34 +253,31 @@ pub async fn submit(
     // Waiting: subscribe before the request exists, so no change can slip
     // between the submit and the wait, and the wait starts without a read.
     let early = wait.map(|_| engine.subscribe_finished(&new.id));
-    let submitted = engine
-        .submit(SubmitParams {
-            new,
-            idempotency,
-            now: engine.now(),
-        })
-        .await?;
-    let (mut req, replayed) = match submitted {
+    let p = SubmitParams {
+        new,
+        idempotency,
+        now: engine.now(),
+    };
+    // A client that waits gets no answer before its request finishes or the
+    // wait ends, and the completion's flush covers the submit: the submit
+    // need not be flushed on its own. Whatever ends the wait, the request is
+    // on disk before any answer leaves (`sync_through` below).
+    let (submitted, unsynced) = match wait {
+        Some(_) => engine.submit_unsynced(p).await?,
+        None => (engine.submit(p).await?, None),
+    };
+    let (req, replayed) = match submitted {
         Submitted::Created(r) => (r, false),
         Submitted::Replayed(r) => (r, true),
     };
-    let mut applied = None;
-    if let Some(n) = wait {
-        let _permit = engine.stream_permit(&caller)?;
-        let d = Duration::from_secs(n).min(engine.config.max_wait);
-        let r = RequestRef {
-            id: req.id.clone(),
-            tenant: Some(caller.tenant.clone()),
-        };
-        req = match early {
-            // A new request: the subscription predates it.
-            Some(sub) if !replayed => engine.wait_subscribed(sub, r, Some(req), d).await?,
-            // A replay is an older request: wait on it from a fresh read.
-            _ => engine.wait_finished(r, d).await?,
-        };
-        // The wait actually honoured (clamped to the server's cap).
-        applied = Some(d.as_secs());
+    let waited = match wait {
+        Some(n) => wait_for(&engine, &caller, n, req, replayed, early).await,
+        None => Ok((req, None)),
+    };
+    if let Some(mark) = unsynced {
+        engine.sync_through(mark).await?;
     }
+    let (req, applied) = waited?;
     let loc = location(&req.id);
     let op = match &engine.config.public_url {
         Some(base) => format!("{}{loc}", base.trim_end_matches('/')),
@@ -314,8 +311,33 @@ pub async fn submit(
     Ok(with_headers((code, Json(req)).into_response(), &hs))
 }
 
-#[derive(Debug, Deserialize)]
+/// The `Prefer: wait=N` part of a submit: the request once finished, or as
+/// it is when the wait ends, and the wait honoured (clamped to the cap).
+async fn wait_for(
+    engine: &Engine,
+    caller: &Caller,
+    n: u64,
+    req: Request,
+    replayed: bool,
+    early: Option<crate::notify::Subscription>,
+) -> Result<(Request, Option<u64>), ApiError> {
+    let _permit = engine.stream_permit(caller)?;
+    let d = Duration::from_secs(n).min(engine.config.max_wait);
+    let r = RequestRef {
+        id: req.id.clone(),
+        tenant: Some(caller.tenant.clone()),
+    };
+    let req = match early {
+        // A new request: the subscription predates it.
+        Some(sub) if !replayed => engine.wait_subscribed(sub, r, Some(req), d).await?,
+        // A replay is an older request: wait on it from a fresh read.
+        _ => engine.wait_finished(r, d).await?,
+    };
+    Ok((req, Some(d.as_secs())))
+}
+
 /// `?wait=N`.
+#[derive(Debug, Deserialize)]
 pub struct WaitQuery {
     /// Seconds to long-poll.
     pub wait: Option<f64>,

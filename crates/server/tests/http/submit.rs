@@ -176,6 +176,87 @@ async fn prefer_wait_answers_200_when_a_worker_finishes_in_time() {
     worker.await.unwrap();
 }
 
+/// The embedded store's flushes so far, from `/metrics` (`None` on
+/// PostgreSQL, which flushes on its own and reports none).
+async fn flushes(s: &TestServer) -> Option<u64> {
+    let text = s.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("coatcheck_store_flushes_total "))
+        .map(|n| n.trim().parse().expect("a count"))
+}
+
+/// [`flushes`] once the server's start-up work (its first retention pass
+/// and sweeps, each a durable command) is behind it: two reads 200 ms apart
+/// agree.
+async fn quiet_flushes(s: &TestServer) -> Option<u64> {
+    let mut last = flushes(s).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = flushes(s).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// A submit that waits for its reply costs one flush, its completion's,
+/// which covers the submit too (a plain submit and its completion cost two);
+/// one whose wait ends first is flushed before its 202. On the embedded
+/// store, which counts its flushes; on PostgreSQL only the answers are
+/// checked.
+#[tokio::test]
+async fn prefer_wait_is_flushed_with_its_completion_or_before_its_202() {
+    let s = Arc::new(TestServer::start().await);
+    let round_trip = |queue: &'static str| {
+        let s = s.clone();
+        async move {
+            let w = s.clone();
+            let worker = tokio::spawn(async move {
+                let c = claim_one(&w, queue, 30.0).await;
+                let resp = complete(&w, &id(&c), &token(&c), json!({"done": true})).await;
+                assert_eq!(resp.status(), 200);
+            });
+            let resp = s
+                .http()
+                .post(s.url(&format!("/v1/queues/{queue}/requests")))
+                .header("prefer", "wait=20")
+                .json(&json!({"input": 1}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            worker.await.unwrap();
+        }
+    };
+    // The first lease wakes the idle lease reaper, whose sweep is flushed;
+    // from then on it sleeps until that lease would run out.
+    round_trip("pwf-first").await;
+    let before = quiet_flushes(&s).await;
+    round_trip("pwf").await;
+    if let (Some(b), Some(a)) = (before, flushes(&s).await) {
+        assert_eq!(a - b, 1, "one flush for the submit and its completion");
+    }
+
+    let before = flushes(&s).await;
+    let resp = s
+        .http()
+        .post(s.url("/v1/queues/pwf-none/requests"))
+        .header("prefer", "wait=1")
+        .json(&json!({"input": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let after = flushes(&s).await;
+    if let (Some(b), Some(a)) = (before, after) {
+        assert_eq!(a - b, 1, "flushed before the 202");
+    }
+    let req: Value = resp.json().await.unwrap();
+    let got = json_of(s.get(&format!("/v1/requests/{}", id(&req))).await, 200).await;
+    assert_eq!(got["status"], "queued");
+}
+
 #[tokio::test]
 async fn prefer_wait_answers_202_when_nothing_finishes() {
     let s = TestServer::start().await;

@@ -150,6 +150,7 @@ macro_rules! conformance_suite {
                 idempotency_keys_are_per_tenant,
                 get_of_another_tenants_request_is_not_found,
                 get_of_unknown_id_is_not_found,
+                an_unsynced_submit_stores_the_same_request,
             }
             claim {
                 claim_takes_highest_priority_then_oldest,

@@ -334,3 +334,75 @@ pub async fn get_of_unknown_id_is_not_found(store: &dyn Store) {
         assert!(matches!(err, StoreError::NotFound), "{id:?}: {err:?}");
     }
 }
+
+/// A submit answered before its flush (`request_submit_unsynced`, for a
+/// caller that holds its answer) stores the same request as a submit, with
+/// the same idempotency; a mark, if the store hands one out, is made good by
+/// `sync_through` (at once the second time), and so is a mark already covered.
+pub async fn an_unsynced_submit_stores_the_same_request(store: &dyn Store) {
+    let t0 = base();
+    let new = new_request("q-unsynced");
+    let id = new.id.clone();
+    let idempotency = Some(crate::Idempotency {
+        key: "key-unsynced".into(),
+        body_hash: "hash-1".into(),
+    });
+    let (created, mark) = store
+        .request_submit_unsynced(crate::SubmitParams {
+            new,
+            idempotency,
+            now: t0,
+        })
+        .await
+        .expect("unsynced submit");
+    let Submitted::Created(created) = created else {
+        panic!("expected a new request, got {created:?}");
+    };
+    assert_eq!(
+        (created.id.as_str(), created.status),
+        (id.as_str(), Status::Queued)
+    );
+    if let Some(mark) = mark {
+        store.sync_through(mark).await.expect("flushed");
+        store.sync_through(mark).await.expect("covered already");
+    }
+    assert_same(
+        &get(store, &id).await,
+        &created,
+        "get after an unsynced submit",
+    );
+
+    // The key works like any other: a plain submit with it is a replay, and so
+    // is an unsynced one.
+    match submit_raw(
+        store,
+        new_request("q-unsynced"),
+        Some(("key-unsynced", "hash-1")),
+        at(t0, 1_000),
+    )
+    .await
+    {
+        Ok(Submitted::Replayed(r)) => assert_eq!(r.id, id),
+        other => panic!("expected a replay, got {other:?}"),
+    }
+    let (again, mark) = store
+        .request_submit_unsynced(crate::SubmitParams {
+            new: new_request("q-unsynced"),
+            idempotency: Some(crate::Idempotency {
+                key: "key-unsynced".into(),
+                body_hash: "hash-1".into(),
+            }),
+            now: at(t0, 2_000),
+        })
+        .await
+        .expect("unsynced replay");
+    assert!(
+        matches!(&again, Submitted::Replayed(r) if r.id == id),
+        "{again:?}"
+    );
+    if let Some(mark) = mark {
+        store.sync_through(mark).await.expect("flushed");
+    }
+    // It is claimed like any request.
+    assert_eq!(claim_one(store, "q-unsynced", at(t0, 3_000)).await.id, id);
+}
