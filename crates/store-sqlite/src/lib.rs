@@ -363,6 +363,11 @@ impl Store for SqliteStore {
     }
 
     async fn request_submit_unsynced(&self, p: SubmitParams) -> Result<(Submitted, Option<u64>)> {
+        if self.marks.failed.load(Ordering::Acquire) {
+            // After a failed fsync no mark can be vouched for: submit the
+            // plain way, flushed before it answers.
+            return Ok((self.request_submit(p).await?, None));
+        }
         let marks = self.marks.clone();
         let (submitted, mark) = self
             .write(|tx| Cmd::SubmitUnsynced(Box::new(p), marks, tx))

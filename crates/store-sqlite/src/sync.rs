@@ -239,3 +239,22 @@ fn finish(wal: &std::path::Path, jobs: Vec<SyncJob>, kick: &mpsc::SyncSender<()>
 fn sync_file(path: &std::path::Path) -> std::io::Result<()> {
     std::fs::File::open(path)?.sync_data()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_is_covered_once_synced_reaches_it_and_never_after_a_failed_fsync() {
+        let m = Marks::default();
+        m.committed.store(7, Ordering::Release);
+        m.synced.store(5, Ordering::Release);
+        assert!(m.covers(4) && m.covers(5));
+        assert!(!m.covers(6), "committed but not yet flushed");
+        m.failed.store(true, Ordering::Release);
+        assert!(
+            !m.covers(4),
+            "a failed fsync may have dropped earlier pages"
+        );
+    }
+}
