@@ -399,7 +399,7 @@ impl Engine {
             .map(|i| matches!(i.settlement, Settlement::Fail { .. }))
             .collect();
         let results = self.store.request_settle_many(items, now).await?;
-        Ok(results
+        let out = results
             .into_iter()
             .zip(fails)
             .map(|(res, is_fail)| {
@@ -411,7 +411,15 @@ impl Engine {
                     changed.request
                 })
             })
-            .collect())
+            .collect();
+        // The changes above woke the requests' waiters (a `Prefer: wait`
+        // submit, a long-poll, a stream): let them write their answers
+        // before this settlement writes the worker's. On a runtime of one
+        // thread they would otherwise wait for it, and theirs is the answer
+        // a client is waiting on (sequential echo p50 −0.07 to −0.13 ms,
+        // BENCHMARKS.md).
+        tokio::task::yield_now().await;
+        Ok(out)
     }
 
     /// Settles one request.
