@@ -185,19 +185,19 @@ async fn flushes(s: &TestServer) -> Option<u64> {
         .map(|n| n.trim().parse().expect("a count"))
 }
 
-/// [`flushes`] once the server's start-up work (its first retention pass
-/// and sweeps, each a durable command) is behind it: two reads 200 ms apart
-/// agree.
+/// [`flushes`] once the server's background work (its first retention pass
+/// and sweeps, each a durable command) is behind it: three reads 250 ms
+/// apart agree.
 async fn quiet_flushes(s: &TestServer) -> Option<u64> {
     let mut last = flushes(s).await;
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut same = 0;
+    while same < 2 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
         let now = flushes(s).await;
-        if now == last {
-            return now;
-        }
+        same = if now == last { same + 1 } else { 0 };
         last = now;
     }
+    last
 }
 
 /// A submit that waits for its reply costs one flush, its completion's,
@@ -229,9 +229,14 @@ async fn prefer_wait_is_flushed_with_its_completion_or_before_its_202() {
             worker.await.unwrap();
         }
     };
-    // The first lease wakes the idle lease reaper, whose sweep is flushed;
-    // from then on it sleeps until that lease would run out.
-    round_trip("pwf-first").await;
+    // A lease wakes the lease reaper when it watches none, and its sweep is
+    // flushed. So hold one lease, shorter than the round trip's: the reaper
+    // then sleeps until it runs out, and later leases do not wake it.
+    let held = s
+        .post("/v1/queues/pwf-held/requests", json!({"input": 0}))
+        .await;
+    assert_eq!(held.status(), 202);
+    claim_one(&s, "pwf-held", 20.0).await;
     let before = quiet_flushes(&s).await;
     round_trip("pwf").await;
     if let (Some(b), Some(a)) = (before, flushes(&s).await) {
