@@ -416,7 +416,7 @@ impl Engine {
         // submit, a long-poll, a stream): let them write their answers
         // before this settlement writes the worker's. On a runtime of one
         // thread they would otherwise wait for it, and theirs is the answer
-        // a client is waiting on (sequential echo p50 −0.07 to −0.13 ms,
+        // a client is waiting on (sequential echo p50 −0.06 to −0.11 ms,
         // BENCHMARKS.md).
         tokio::task::yield_now().await;
         Ok(out)
