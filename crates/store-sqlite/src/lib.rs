@@ -368,9 +368,8 @@ impl Store for SqliteStore {
             // plain way, flushed before it answers.
             return Ok((self.request_submit(p).await?, None));
         }
-        let marks = self.marks.clone();
         let (submitted, mark) = self
-            .write(|tx| Cmd::SubmitUnsynced(Box::new(p), marks, tx))
+            .write(|tx| Cmd::SubmitUnsynced(Box::new(p), tx))
             .await?;
         Ok((submitted, (!self.marks.covers(mark)).then_some(mark)))
     }

@@ -52,14 +52,9 @@ type Reply<T> = oneshot::Sender<Result<T>>;
 pub enum Cmd {
     Submit(Box<SubmitParams>, Reply<Submitted>),
     /// A submit answered at its commit, before any flush, with the number of
-    /// that commit (counted in these marks): its caller holds its
-    /// acknowledgement until a flush covers it
-    /// (`Store::request_submit_unsynced`).
-    SubmitUnsynced(
-        Box<SubmitParams>,
-        std::sync::Arc<crate::sync::Marks>,
-        Reply<(Submitted, u64)>,
-    ),
+    /// that commit (`sync::Marks`): its caller holds its acknowledgement
+    /// until a flush covers it (`Store::request_submit_unsynced`).
+    SubmitUnsynced(Box<SubmitParams>, Reply<(Submitted, u64)>),
     /// Answers once everything committed before it is on disk.
     Sync(Reply<()>),
     Claim(ClaimParams, Reply<Vec<Request>>),
@@ -140,6 +135,8 @@ fn pending<T: Send + 'static>(tx: Reply<T>, res: Result<T>) -> Answer {
 /// What a command produced, kept until the commit decides its answer.
 enum Out {
     Submitted(Submitted),
+    /// A submit and the number its batch's commit will have.
+    SubmittedAt(Submitted, u64),
     Requests(Vec<Request>),
     Changed(Changed),
     Settled(Vec<Result<Changed>>),
@@ -170,28 +167,7 @@ fn answer(cmd: Cmd, res: Result<Out>) -> Answer {
     }
     match cmd {
         Cmd::Submit(_, tx) => give!(tx, Out::Submitted(s) => s),
-        Cmd::SubmitUnsynced(_, marks, tx) => {
-            let res = res.and_then(|out| match out {
-                Out::Submitted(s) => Ok(s),
-                _ => Err(StoreError::Internal(
-                    "a command produced the wrong kind of result".into(),
-                )),
-            });
-            // Called right after the commit, on the writer's thread, which
-            // counted the commit just before: the count is this commit's.
-            Box::new(move |commit_err| {
-                let res = match commit_err {
-                    Some(e) => Err(e.clone()),
-                    None => res.map(|s| {
-                        (
-                            s,
-                            marks.committed.load(std::sync::atomic::Ordering::Acquire),
-                        )
-                    }),
-                };
-                let _ = tx.send(res);
-            })
-        }
+        Cmd::SubmitUnsynced(_, tx) => give!(tx, Out::SubmittedAt(s, commit) => (s, commit)),
         Cmd::Sync(tx) => give!(tx, Out::Unit => ()),
         Cmd::Claim(_, tx) | Cmd::ClaimParked(_, tx, _) => give!(tx, Out::Requests(r) => r),
         Cmd::Poke(..) | Cmd::Unpark(..) => Box::new(|_| {}),
@@ -617,7 +593,7 @@ impl Writer<'_> {
     fn exec(&self, cmd: &Cmd, guarded: bool) -> Result<Out> {
         Ok(match cmd {
             Cmd::Sync(_) => Out::Unit,
-            Cmd::Submit(p, _) | Cmd::SubmitUnsynced(p, ..) => {
+            Cmd::Submit(p, _) | Cmd::SubmitUnsynced(p, _) => {
                 self.saw_time(p.now);
                 let res = self.submit((**p).clone())?;
                 if let Submitted::Created(r) = &res {
@@ -627,7 +603,19 @@ impl Writer<'_> {
                         self.claimable.borrow_mut().push(r.queue.clone());
                     }
                 }
-                Out::Submitted(res)
+                match cmd {
+                    // The writer alone counts commits, one per batch: this
+                    // batch's commit is the next number.
+                    Cmd::SubmitUnsynced(..) => {
+                        let done = self
+                            .sync
+                            .marks
+                            .committed
+                            .load(std::sync::atomic::Ordering::Acquire);
+                        Out::SubmittedAt(res, done + 1)
+                    }
+                    _ => Out::Submitted(res),
+                }
             }
             Cmd::Claim(p, _) | Cmd::ClaimParked(p, _, _) => {
                 self.saw_time(p.now);
