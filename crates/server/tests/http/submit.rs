@@ -200,6 +200,17 @@ async fn quiet_flushes(s: &TestServer) -> Option<u64> {
     last
 }
 
+/// Submits `{"input": 1}` to `queue` with `Prefer: wait=<secs>`.
+async fn submit_waiting(s: &TestServer, queue: &str, secs: u64) -> reqwest::Response {
+    s.http()
+        .post(s.url(&format!("/v1/queues/{queue}/requests")))
+        .header("prefer", format!("wait={secs}"))
+        .json(&json!({"input": 1}))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A submit that waits for its reply costs one flush, its completion's,
 /// which covers the submit too (a plain submit and its completion cost two);
 /// one whose wait ends first is flushed before its 202. On the embedded
@@ -208,27 +219,6 @@ async fn quiet_flushes(s: &TestServer) -> Option<u64> {
 #[tokio::test]
 async fn prefer_wait_is_flushed_with_its_completion_or_before_its_202() {
     let s = Arc::new(TestServer::start().await);
-    let round_trip = |queue: &'static str| {
-        let s = s.clone();
-        async move {
-            let w = s.clone();
-            let worker = tokio::spawn(async move {
-                let c = claim_one(&w, queue, 30.0).await;
-                let resp = complete(&w, &id(&c), &token(&c), json!({"done": true})).await;
-                assert_eq!(resp.status(), 200);
-            });
-            let resp = s
-                .http()
-                .post(s.url(&format!("/v1/queues/{queue}/requests")))
-                .header("prefer", "wait=20")
-                .json(&json!({"input": 1}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 200);
-            worker.await.unwrap();
-        }
-    };
     // A lease wakes the lease reaper when it watches none, and its sweep is
     // flushed. So hold one lease, shorter than the round trip's: the reaper
     // then sleeps until it runs out, and later leases do not wake it.
@@ -237,24 +227,24 @@ async fn prefer_wait_is_flushed_with_its_completion_or_before_its_202() {
         .await;
     assert_eq!(held.status(), 202);
     claim_one(&s, "pwf-held", 20.0).await;
+
     let before = quiet_flushes(&s).await;
-    round_trip("pwf").await;
+    let w = s.clone();
+    let worker = tokio::spawn(async move {
+        let c = claim_one(&w, "pwf", 30.0).await;
+        let resp = complete(&w, &id(&c), &token(&c), json!({"done": true})).await;
+        assert_eq!(resp.status(), 200);
+    });
+    assert_eq!(submit_waiting(&s, "pwf", 20).await.status(), 200);
+    worker.await.unwrap();
     if let (Some(b), Some(a)) = (before, flushes(&s).await) {
         assert_eq!(a - b, 1, "one flush for the submit and its completion");
     }
 
     let before = flushes(&s).await;
-    let resp = s
-        .http()
-        .post(s.url("/v1/queues/pwf-none/requests"))
-        .header("prefer", "wait=1")
-        .json(&json!({"input": 2}))
-        .send()
-        .await
-        .unwrap();
+    let resp = submit_waiting(&s, "pwf-none", 1).await;
     assert_eq!(resp.status(), 202);
-    let after = flushes(&s).await;
-    if let (Some(b), Some(a)) = (before, after) {
+    if let (Some(b), Some(a)) = (before, flushes(&s).await) {
         assert_eq!(a - b, 1, "flushed before the 202");
     }
     let req: Value = resp.json().await.unwrap();

@@ -343,16 +343,8 @@ pub async fn an_unsynced_submit_stores_the_same_request(store: &dyn Store) {
     let t0 = base();
     let new = new_request("q-unsynced");
     let id = new.id.clone();
-    let idempotency = Some(crate::Idempotency {
-        key: "key-unsynced".into(),
-        body_hash: "hash-1".into(),
-    });
     let (created, mark) = store
-        .request_submit_unsynced(crate::SubmitParams {
-            new,
-            idempotency,
-            now: t0,
-        })
+        .request_submit_unsynced(submit_params(new, Some(("key-unsynced", "hash-1")), t0))
         .await
         .expect("unsynced submit");
     let Submitted::Created(created) = created else {
@@ -386,14 +378,11 @@ pub async fn an_unsynced_submit_stores_the_same_request(store: &dyn Store) {
         other => panic!("expected a replay, got {other:?}"),
     }
     let (again, mark) = store
-        .request_submit_unsynced(crate::SubmitParams {
-            new: new_request("q-unsynced"),
-            idempotency: Some(crate::Idempotency {
-                key: "key-unsynced".into(),
-                body_hash: "hash-1".into(),
-            }),
-            now: at(t0, 2_000),
-        })
+        .request_submit_unsynced(submit_params(
+            new_request("q-unsynced"),
+            Some(("key-unsynced", "hash-1")),
+            at(t0, 2_000),
+        ))
         .await
         .expect("unsynced replay");
     assert!(

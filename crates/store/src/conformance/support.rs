@@ -80,17 +80,20 @@ pub(crate) async fn submit_raw(
     idem: Option<(&str, &str)>,
     now: Ts,
 ) -> Result<Submitted> {
+    store.request_submit(submit_params(new, idem, now)).await
+}
+
+/// What [`submit_raw`] submits: `new` with an optional idempotency key and hash.
+pub(crate) fn submit_params(new: NewRequest, idem: Option<(&str, &str)>, now: Ts) -> SubmitParams {
     let idempotency = idem.map(|(key, hash)| Idempotency {
         key: key.to_string(),
         body_hash: hash.to_string(),
     });
-    store
-        .request_submit(SubmitParams {
-            new,
-            idempotency,
-            now,
-        })
-        .await
+    SubmitParams {
+        new,
+        idempotency,
+        now,
+    }
 }
 
 /// Submits a default request to `queue`.
