@@ -22,7 +22,8 @@
 //!   checked less than the URL seems to say.
 //!
 //! Every connection also gets `application_name=coatcheck` (unless the URL
-//! names one), a 5 s connect timeout, TCP keep-alives, and server-side
+//! names one), a 5 s connect timeout, TCP keep-alives, a 30 s TCP user
+//! timeout, and server-side
 //! guards: `lock_timeout`, `statement_timeout` and
 //! `idle_in_transaction_session_timeout`, so a stuck node can neither hold
 //! row locks for long nor make other nodes wait without bound.
@@ -36,6 +37,10 @@ pub const DEFAULT_POOL_SIZE: usize = 10;
 /// How long a call waits for a pooled connection (or for a new one to be
 /// made) before it answers "unavailable".
 pub const POOL_WAIT: Duration = Duration::from_secs(5);
+
+/// How long sent data may stay unacknowledged before a connection is closed
+/// (`TCP_USER_TIMEOUT`), unless the URL's `tcp_user_timeout` says otherwise.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How connections to the database are encrypted (`sslmode=`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +193,12 @@ impl PgOptions {
             .keepalives_idle(Duration::from_secs(15))
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3);
+        // Keep-alives probe only an idle connection; a query sent into a
+        // network path that went dark would otherwise wait for the kernel's
+        // retransmissions (about 15 minutes) before failing.
+        if pg.get_tcp_user_timeout().is_none() {
+            pg.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
         let mut options = pg.get_options().unwrap_or_default().to_string();
         let mut add = |o: &str| {
             if !options.is_empty() {
@@ -291,5 +302,13 @@ mod tests {
         let o = PgOptions::parse("postgresql://h/db").unwrap();
         assert_eq!(o.schema, None);
         assert_eq!(o.pool_size, DEFAULT_POOL_SIZE);
+    }
+
+    #[test]
+    fn connections_get_a_tcp_user_timeout_unless_the_url_sets_one() {
+        let o = PgOptions::parse("postgres://h/db").unwrap();
+        assert_eq!(o.pg.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        let o = PgOptions::parse("postgres://h/db?tcp_user_timeout=7").unwrap();
+        assert_eq!(o.pg.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
     }
 }

@@ -17,11 +17,11 @@
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tokio_postgres::NoTls;
 
 /// The database tests use unless `COATCHECK_TEST_POSTGRES` says otherwise.
@@ -183,13 +183,36 @@ async fn sweep_stale(client: &tokio_postgres::Client, now_secs: u64) {
 
 /// A TCP proxy to the test database that can be switched off (every
 /// connection through it cut, new ones refused) and on again.
+///
+/// A switch returns only once every connection through the proxy has made
+/// it: a test's next statement cannot slip through before the cut (a query
+/// forwarded to the database whose connection is then made stale would
+/// wait forever for an answer that nobody sends).
 #[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    cut: watch::Sender<u64>,
-    stale: watch::Sender<u64>,
+    conns: Arc<Mutex<Conns>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What happens to the connections open through a proxy.
+#[derive(Debug, Clone, Copy)]
+enum Switch {
+    /// Both sides closed.
+    Cut,
+    /// Closed for the database, open for the client until it sends something.
+    Stale,
+}
+
+/// A connection's switch, with the sender of its acknowledgement.
+type SwitchTx = oneshot::Sender<(Switch, oneshot::Sender<()>)>;
+
+/// Whether the proxy accepts connections, and the switches of those open.
+/// One lock, so that no connection is let in after a cut without its switch.
+#[derive(Debug)]
+struct Conns {
+    up: bool,
+    open: Vec<SwitchTx>,
 }
 
 impl Proxy {
@@ -206,45 +229,26 @@ impl Proxy {
             .await
             .expect("bind a proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let up = Arc::new(AtomicBool::new(true));
-        let (cut, _) = watch::channel(0u64);
-        let (stale, _) = watch::channel(0u64);
-        let (up2, cut2, stale2) = (up.clone(), cut.clone(), stale.clone());
+        let conns = Arc::new(Mutex::new(Conns {
+            up: true,
+            open: Vec::new(),
+        }));
+        let shared = conns.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !up2.load(Ordering::Acquire) {
-                    drop(client); // refused: the database is "down"
-                    continue;
-                }
-                let target = target.clone();
-                let mut cut_rx = cut2.subscribe();
-                let mut stale_rx = stale2.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    let stale = tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
-                        _ = cut_rx.changed() => false,
-                        _ = stale_rx.changed() => true,
-                    };
-                    if stale {
-                        // Closed for the database, open for the client
-                        // until it sends something.
-                        drop(server);
-                        let mut byte = [0u8; 1];
-                        let _ = tokio::io::AsyncReadExt::read(&mut client, &mut byte).await;
+            while let Ok((client, _)) = listener.accept().await {
+                let (tx, rx) = oneshot::channel();
+                {
+                    let mut c = shared.lock().expect("proxy state");
+                    if !c.up {
+                        continue; // refused: the database is "down"
                     }
-                });
+                    c.open.retain(|s| !s.is_closed());
+                    c.open.push(tx);
+                }
+                tokio::spawn(relay(client, target.clone(), rx));
             }
         });
-        Proxy {
-            addr,
-            up,
-            cut,
-            stale,
-            task,
-        }
+        Proxy { addr, conns, task }
     }
 
     /// Where nodes should connect.
@@ -252,31 +256,79 @@ impl Proxy {
         self.addr
     }
 
+    /// Sends `switch` to every open connection; answers their acknowledgements.
+    fn switch_all(&self, switch: Switch, up: Option<bool>) -> Vec<oneshot::Receiver<()>> {
+        let mut c = self.conns.lock().expect("proxy state");
+        if let Some(up) = up {
+            c.up = up;
+        }
+        c.open
+            .drain(..)
+            .filter_map(|tx| {
+                let (ack, acked) = oneshot::channel();
+                tx.send((switch, ack)).ok().map(|()| acked)
+            })
+            .collect()
+    }
+
     /// The database goes away: every connection through the proxy is cut
     /// and new ones are refused.
-    pub fn down(&self) {
-        self.up.store(false, Ordering::Release);
-        self.cut.send_modify(|n| *n += 1);
+    pub async fn down(&self) {
+        for acked in self.switch_all(Switch::Cut, Some(false)) {
+            let _ = acked.await;
+        }
     }
 
     /// The database ends every session through the proxy, but the clients
     /// learn of it only when they next send something (their sockets stay
     /// open until then): a pooled connection that looks alive and is not.
     /// New connections work.
-    pub fn close_unnoticed(&self) {
-        self.stale.send_modify(|n| *n += 1);
+    pub async fn close_unnoticed(&self) {
+        for acked in self.switch_all(Switch::Stale, None) {
+            let _ = acked.await;
+        }
     }
 
     /// The database is back.
     pub fn up(&self) {
-        self.up.store(true, Ordering::Release);
+        self.conns.lock().expect("proxy state").up = true;
+    }
+}
+
+/// Relays one connection to the database until its switch.
+async fn relay(
+    mut client: TcpStream,
+    target: String,
+    mut switch: oneshot::Receiver<(Switch, oneshot::Sender<()>)>,
+) {
+    let Ok(mut server) = TcpStream::connect(&target).await else {
+        return;
+    };
+    let switched = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => None,
+        s = &mut switch => s.ok(),
+    };
+    let Some((how, ack)) = switched else {
+        return;
+    };
+    drop(server);
+    match how {
+        Switch::Cut => {
+            drop(client);
+            let _ = ack.send(());
+        }
+        Switch::Stale => {
+            let _ = ack.send(());
+            let mut byte = [0u8; 1];
+            let _ = tokio::io::AsyncReadExt::read(&mut client, &mut byte).await;
+        }
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
-        self.cut.send_modify(|n| *n += 1);
+        let _ = self.switch_all(Switch::Cut, Some(false));
     }
 }
 

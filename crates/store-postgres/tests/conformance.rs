@@ -99,13 +99,13 @@ mod shared {
         let id = submit(&store, "stale").await;
         let now = || truncate(chrono::Utc::now());
 
-        proxy.close_unnoticed();
+        proxy.close_unnoticed().await;
         let got = store.request_get(RequestRef::any(&id)).await;
         assert_eq!(got.expect("get").id, id);
-        proxy.close_unnoticed();
+        proxy.close_unnoticed().await;
         let events = store.request_history(RequestRef::any(&id), 0).await;
         assert!(!events.expect("history").is_empty());
-        proxy.close_unnoticed();
+        proxy.close_unnoticed().await;
         let listed = store
             .request_list(coatcheck_store::ListParams {
                 queue: Some("stale".into()),
@@ -114,12 +114,12 @@ mod shared {
             })
             .await;
         assert_eq!(listed.expect("list").len(), 1);
-        proxy.close_unnoticed();
+        proxy.close_unnoticed().await;
         let stats = store.queue_stats(now()).await.expect("stats");
         assert!(stats.iter().any(|q| q.queue == "stale"));
-        proxy.close_unnoticed();
+        proxy.close_unnoticed().await;
         store.due_times(now()).await.expect("due times");
-        proxy.close_unnoticed();
+        proxy.close_unnoticed().await;
         assert_eq!(store.queue_depth("stale").await.expect("depth"), 1);
         store.store_close().await;
     }
@@ -297,7 +297,7 @@ mod shared {
         store.store_ping().await.expect("ready");
         submit(&store, "outage").await;
 
-        proxy.down();
+        proxy.down().await;
         for _ in 0..3 {
             let t0 = Instant::now();
             let res = store.store_ping().await;

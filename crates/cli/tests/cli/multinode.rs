@@ -384,7 +384,7 @@ async fn losing_the_database_answers_503_quickly_and_a_node_recovers_by_itself()
     let http = http();
     assert_eq!(get(&http, format!("{}/readyz", p.url)).await.0, 200);
 
-    proxy.down();
+    proxy.down().await;
     let t0 = Instant::now();
     let r = http.get(format!("{}/readyz", p.url)).send().await.unwrap();
     assert_eq!(r.status(), 503);
