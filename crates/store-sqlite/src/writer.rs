@@ -112,12 +112,26 @@ impl Cmd {
                 | Cmd::Redrive(..)
                 | Cmd::ChannelAck(..)
                 // Expiries may write a reply (with its message_id): a reply
-                // that was sent must never be re-made under another id.
+                // that was sent must never be re-made under another id
+                // (only when they changed something: `durable_unchanged`).
                 | Cmd::ExpireLeases(..)
                 | Cmd::ExpireDeadlines(..)
                 // Once: tokens signed with a secret lost to a power cut would all turn invalid.
                 | Cmd::Secret(..)
         )
+    }
+}
+
+impl Cmd {
+    /// Whether the command needs the fsync even when it changed nothing. An
+    /// expiry sweep that found nothing due wrote nothing and its empty
+    /// answer promises nothing (a sweep woken early, or by the first lease
+    /// after a quiet spell, costs no flush); every other durable command
+    /// may answer with what an earlier, still unflushed commit wrote (an
+    /// idempotent replay of an unsynced submit, a `Sync`), so it is flushed
+    /// regardless.
+    fn durable_unchanged(&self) -> bool {
+        !matches!(self, Cmd::ExpireLeases(..) | Cmd::ExpireDeadlines(..))
     }
 }
 
@@ -319,7 +333,7 @@ impl Writer<'_> {
     /// commit durable itself instead of handing it over; a command found
     /// waiting is left in `carried` for the next batch.
     fn apply_batch(&self, batch: Vec<Cmd>, rx: &mpsc::Receiver<Cmd>, carried: &mut Option<Cmd>) {
-        let durable = batch.iter().any(Cmd::must_be_durable);
+        let mut durable = false;
         self.batch_now.set(None);
         if let Err(e) = self.conn.exec("BEGIN IMMEDIATE").map_err(sql::classify) {
             self.refuse(batch, &e);
@@ -336,13 +350,16 @@ impl Writer<'_> {
         for cmd in &batch {
             let before = self.conn.total_changes();
             let res = self.exec(cmd, false);
-            if res.is_err() && self.conn.total_changes() != before {
+            let changed = self.conn.total_changes() != before;
+            if res.is_err() && changed {
                 torn = true;
                 break;
             }
+            durable |= cmd.must_be_durable() && (changed || cmd.durable_unchanged());
             results.push(res);
         }
         if torn {
+            durable = batch.iter().any(Cmd::must_be_durable);
             results.clear();
             self.claimable.borrow_mut().clear();
             self.recheck.borrow_mut().clear();

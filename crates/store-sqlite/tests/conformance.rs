@@ -287,6 +287,11 @@ async fn the_migration_counts_the_requests_already_there() {
     store.store_close().await;
 }
 
+/// How many times the store has flushed its WAL so far.
+fn flushes(store: &SqliteStore) -> u64 {
+    coatcheck_store::Store::flushes(store).expect("the embedded store counts its flushes")
+}
+
 /// A submit answered before its flush (`request_submit_unsynced`: a
 /// `Prefer: wait` submit) costs no fsync of its own — the completion's
 /// flush covers it, and `sync_through` then needs none — while a mark that
@@ -298,33 +303,28 @@ async fn an_unsynced_submit_is_covered_by_the_next_flush_or_on_demand() {
     use coatcheck_store::{ClaimParams, SettleParams, Settlement, Store, SubmitParams, Submitted};
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SqliteStore::open(dir.path(), StoreOptions::default()).expect("open");
-    let flushes = || {
-        store
-            .flushes()
-            .expect("the embedded store counts its flushes")
-    };
     let submit = |queue: &str| SubmitParams {
         new: coatcheck_store::conformance::new_request(queue),
         idempotency: None,
         now: chrono::Utc::now(),
     };
 
-    let before = flushes();
+    let before = flushes(&store);
     store.request_submit(submit("plain")).await.expect("submit");
     assert_eq!(
-        flushes(),
+        flushes(&store),
         before + 1,
         "a plain submit is flushed before it answers"
     );
 
-    let before = flushes();
+    let before = flushes(&store);
     let (created, mark) = store
         .request_submit_unsynced(submit("waits"))
         .await
         .expect("unsynced submit");
     let mark = mark.expect("answered before any flush covered it");
     assert!(matches!(created, Submitted::Created(_)));
-    assert_eq!(flushes(), before, "no flush of its own");
+    assert_eq!(flushes(&store), before, "no flush of its own");
     let claimed = store
         .request_claim(ClaimParams {
             queue: "waits".into(),
@@ -336,7 +336,7 @@ async fn an_unsynced_submit_is_covered_by_the_next_flush_or_on_demand() {
         })
         .await
         .expect("claim");
-    assert_eq!(flushes(), before, "a claim is not flushed");
+    assert_eq!(flushes(&store), before, "a claim is not flushed");
     let r = &claimed[0];
     let settled = store
         .request_settle_many(
@@ -355,10 +355,10 @@ async fn an_unsynced_submit_is_covered_by_the_next_flush_or_on_demand() {
     settled
         .into_iter()
         .for_each(|s| drop(s.expect("completed")));
-    assert_eq!(flushes(), before + 1, "the completion is flushed");
+    assert_eq!(flushes(&store), before + 1, "the completion is flushed");
     store.sync_through(mark).await.expect("covered");
     assert_eq!(
-        flushes(),
+        flushes(&store),
         before + 1,
         "the completion's flush covered the submit"
     );
@@ -368,10 +368,76 @@ async fn an_unsynced_submit_is_covered_by_the_next_flush_or_on_demand() {
         .await
         .expect("unsynced submit");
     let mark = mark.expect("answered before any flush covered it");
-    let before = flushes();
+    let before = flushes(&store);
     store.sync_through(mark).await.expect("flushed on demand");
-    assert_eq!(flushes(), before + 1, "one flush on demand");
+    assert_eq!(flushes(&store), before + 1, "one flush on demand");
     store.sync_through(mark).await.expect("covered");
-    assert_eq!(flushes(), before + 1, "and none the second time");
+    assert_eq!(flushes(&store), before + 1, "and none the second time");
+    store.store_close().await;
+}
+
+/// An expiry sweep that finds nothing due writes nothing and costs no flush
+/// (the lease reaper and the deadline expirer wake early, and the first
+/// lease after a quiet spell wakes the reaper); one that expires something
+/// is flushed before it answers. (Fails if empty sweeps flush, or if a
+/// sweep that changed something does not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_sweep_that_finds_nothing_is_not_flushed() {
+    use coatcheck_store::{ClaimParams, Store, SubmitParams};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path(), StoreOptions::default()).expect("open");
+    let now = chrono::Utc::now();
+    let later = |secs: i64| now + chrono::Duration::seconds(secs);
+    let mut leased = coatcheck_store::conformance::new_request("sweeps");
+    leased.timeout = Some(Duration::from_secs(60));
+    store
+        .request_submit(SubmitParams {
+            new: leased,
+            idempotency: None,
+            now,
+        })
+        .await
+        .expect("submit");
+    let claimed = store
+        .request_claim(ClaimParams {
+            queue: "sweeps".into(),
+            worker_id: "w".into(),
+            max: 1,
+            lease: Duration::from_secs(10),
+            fairness: Default::default(),
+            now,
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+
+    let before = flushes(&store);
+    let none = store.lease_expire_due(later(5), 10).await.expect("sweep");
+    assert!(none.is_empty(), "{none:?}");
+    let none = store
+        .deadline_expire_due(later(5), 10)
+        .await
+        .expect("sweep");
+    assert!(none.is_empty(), "{none:?}");
+    assert_eq!(
+        flushes(&store),
+        before,
+        "sweeps that found nothing are not flushed"
+    );
+
+    let requeued = store.lease_expire_due(later(11), 10).await.expect("sweep");
+    assert_eq!(requeued.len(), 1, "the lease ran out");
+    assert_eq!(
+        flushes(&store),
+        before + 1,
+        "a sweep that changed something is flushed"
+    );
+    let expired = store
+        .deadline_expire_due(later(61), 10)
+        .await
+        .expect("sweep");
+    assert_eq!(expired.len(), 1, "the deadline passed");
+    assert_eq!(flushes(&store), before + 2, "and so is this one");
     store.store_close().await;
 }
