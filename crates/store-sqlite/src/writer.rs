@@ -120,9 +120,7 @@ impl Cmd {
                 | Cmd::Secret(..)
         )
     }
-}
 
-impl Cmd {
     /// Whether the command needs the fsync even when it changed nothing. An
     /// expiry sweep that found nothing due wrote nothing and its empty
     /// answer promises nothing (a sweep woken early, or by the first lease
