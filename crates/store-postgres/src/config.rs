@@ -20,6 +20,9 @@
 //!   the host name is not checked). Other modes, and `sslrootcert` with a
 //!   mode that checks no certificate, are refused, so that nothing is
 //!   checked less than the URL seems to say.
+//! - `sslcert` and `sslkey`: a client certificate and its key (PEM files),
+//!   presented to a server that asks for one; both or neither, and only
+//!   with a mode that uses TLS.
 //!
 //! Every connection also gets `application_name=coatcheck` (unless the URL
 //! names one), a 5 s connect timeout, TCP keep-alives, a 30 s TCP user
@@ -67,6 +70,17 @@ pub enum TlsMode {
     },
 }
 
+/// The certificate a node presents to the database (`sslcert`, `sslkey`):
+/// for servers that authenticate clients by certificate (`pg_hba.conf`
+/// method `cert`, or `clientcert=verify-ca|verify-full`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// `sslcert`: a PEM file with the certificate, then any intermediates.
+    pub cert: std::path::PathBuf,
+    /// `sslkey`: a PEM file with its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
+}
+
 /// A parsed store URL.
 #[derive(Clone)]
 pub struct PgOptions {
@@ -74,6 +88,8 @@ pub struct PgOptions {
     pub pg: tokio_postgres::Config,
     /// TLS to the database.
     pub tls: TlsMode,
+    /// The certificate to present, if the URL names one.
+    pub client_cert: Option<ClientCert>,
     /// The schema every table lives in, if not the default search path.
     pub schema: Option<String>,
     /// Pooled connections per node.
@@ -89,6 +105,7 @@ impl std::fmt::Debug for PgOptions {
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
             .field("tls", &self.tls)
+            .field("client_cert", &self.client_cert)
             .finish()
     }
 }
@@ -122,6 +139,7 @@ impl PgOptions {
         let mut pool_size = DEFAULT_POOL_SIZE;
         let mut sslmode = None;
         let mut sslrootcert = None;
+        let (mut sslcert, mut sslkey) = (None, None);
         let mut rest = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -143,6 +161,8 @@ impl PgOptions {
                 }
                 "sslmode" => sslmode = Some(v.to_string()),
                 "sslrootcert" => sslrootcert = Some(std::path::PathBuf::from(v)),
+                "sslcert" => sslcert = Some(std::path::PathBuf::from(v)),
+                "sslkey" => sslkey = Some(std::path::PathBuf::from(v)),
                 _ => rest.push(pair),
             }
         }
@@ -167,6 +187,19 @@ impl PgOptions {
                 return Err(UrlError(format!(
                 "sslmode {other:?} is not supported: use disable, prefer, require, verify-ca or verify-full"
             )))
+            }
+        };
+        let client_cert = match (sslcert, sslkey) {
+            (None, None) => None,
+            (Some(cert), Some(key)) if tls != TlsMode::Off => Some(ClientCert { cert, key }),
+            (Some(_), Some(_)) => return Err(UrlError(
+                "sslcert and sslkey need TLS: sslmode=prefer, require, verify-ca or verify-full"
+                    .into(),
+            )),
+            _ => {
+                return Err(UrlError(
+                    "sslcert and sslkey go together (the certificate and its private key)".into(),
+                ))
             }
         };
         let pg_url = if rest.is_empty() {
@@ -226,6 +259,7 @@ impl PgOptions {
         Ok(PgOptions {
             pg,
             tls,
+            client_cert,
             schema,
             pool_size,
         })
@@ -291,6 +325,34 @@ mod tests {
             o.pg.get_ssl_mode(),
             tokio_postgres::config::SslMode::Require
         );
+    }
+
+    #[test]
+    fn sslcert_and_sslkey_go_together_and_need_tls() {
+        let o = PgOptions::parse("postgres://h/db?sslmode=require&sslcert=/c.pem&sslkey=/k.pem")
+            .unwrap();
+        assert_eq!(
+            o.client_cert,
+            Some(ClientCert {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into()
+            })
+        );
+        assert_eq!(
+            PgOptions::parse("postgres://h/db").unwrap().client_cert,
+            None
+        );
+        for bad in [
+            "?sslmode=require&sslcert=/c.pem",
+            "?sslmode=require&sslkey=/k.pem",
+            "?sslcert=/c.pem&sslkey=/k.pem",
+            "?sslmode=disable&sslcert=/c.pem&sslkey=/k.pem",
+        ] {
+            let e = PgOptions::parse(&format!("postgres://h/db{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("sslcert and sslkey"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -153,7 +153,8 @@ impl PgStore {
     /// listening for other nodes' changes, and opens the pool.
     pub async fn open(url: &str, opts: StoreOptions) -> std::result::Result<Self, OpenError> {
         let options = PgOptions::parse(url)?;
-        let tls = tls::connector(&options.tls).map_err(OpenError::Connect)?;
+        let tls = tls::connector(&options.tls, options.client_cert.as_ref())
+            .map_err(OpenError::Connect)?;
         let (client, connection) = options
             .pg
             .connect(tls.clone())

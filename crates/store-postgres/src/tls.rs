@@ -10,6 +10,9 @@
 //! public web roots) and that the certificate names the host connected to;
 //! `verify-ca` checks the chain to `sslrootcert` only (rustls's own check,
 //! with a name mismatch — found after the chain was accepted — let through).
+//!
+//! With `sslcert` and `sslkey` the node presents that certificate (and any
+//! intermediates after it in the file) when the server asks for one.
 
 use std::sync::Arc;
 
@@ -23,25 +26,25 @@ use tokio_rustls::rustls::crypto::{
     verify_tls12_signature, verify_tls13_signature, CryptoProvider,
 };
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{DigitallySignedStruct, SignatureScheme};
 
-use crate::config::TlsMode;
+use crate::config::{ClientCert, TlsMode};
 
-/// The connector for `mode`; an unreadable or empty `sslrootcert` is an error.
-pub fn connector(mode: &TlsMode) -> Result<MakeRustlsConnect, String> {
+/// The connector for `mode`, presenting `client` if given; an unreadable or
+/// empty `sslrootcert`, `sslcert` or `sslkey` is an error.
+pub fn connector(mode: &TlsMode, client: Option<&ClientCert>) -> Result<MakeRustlsConnect, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
-    let config = match mode {
+    let verifying = match mode {
         TlsMode::Off | TlsMode::Prefer | TlsMode::Require => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Relaxed {
                 provider,
                 chain: None,
-            }))
-            .with_no_client_auth(),
+            })),
         TlsMode::VerifyFull { roots } => {
             let store = match roots {
                 Some(path) => root_store(path)?,
@@ -51,7 +54,7 @@ pub fn connector(mode: &TlsMode) -> Result<MakeRustlsConnect, String> {
                     store
                 }
             };
-            builder.with_root_certificates(store).with_no_client_auth()
+            builder.with_root_certificates(store)
         }
         TlsMode::VerifyCa { roots } => {
             let chain = WebPkiServerVerifier::builder_with_provider(
@@ -66,10 +69,36 @@ pub fn connector(mode: &TlsMode) -> Result<MakeRustlsConnect, String> {
                     provider,
                     chain: Some(chain),
                 }))
-                .with_no_client_auth()
+        }
+    };
+    let config = match client {
+        None => verifying.with_no_client_auth(),
+        Some(c) => {
+            let (chain, key) = client_identity(c)?;
+            verifying
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("sslcert {}: {e}", c.cert.display()))?
         }
     };
     Ok(MakeRustlsConnect::new(config))
+}
+
+/// The certificate chain of `sslcert` and the key of `sslkey`.
+fn client_identity(
+    c: &ClientCert,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&c.cert)
+        .and_then(|it| it.collect())
+        .map_err(|e| format!("sslcert {}: {e}", c.cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "sslcert {}: no certificate in it",
+            c.cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&c.key)
+        .map_err(|e| format!("sslkey {}: {e}", c.key.display()))?;
+    Ok((chain, key))
 }
 
 /// The certificates of the PEM file at `path`; none, or an unreadable file,

@@ -691,7 +691,8 @@ mod tls {
     /// application), seen from a connection of the same URL.
     async fn sessions(url: &str) -> Vec<(bool, String)> {
         let o = PgOptions::parse(url).expect("a valid URL");
-        let tls = coatcheck_store_postgres::tls::connector(&o.tls).expect("a connector");
+        let tls = coatcheck_store_postgres::tls::connector(&o.tls, o.client_cert.as_ref())
+            .expect("a connector");
         let (client, conn) = o.pg.connect(tls).await.expect("connect");
         let driver = tokio::spawn(conn);
         let rows = client
@@ -839,5 +840,208 @@ mod tls {
         .await
         .expect_err("verify-ca without a CA");
         assert!(err.to_string().contains("sslrootcert"), "{err}");
+    }
+
+    /// A certificate authority made for one test, and certificates it signs.
+    struct Ca {
+        issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    }
+
+    impl Ca {
+        fn new(name: &str) -> Ca {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            let key = rcgen::KeyPair::generate().expect("a key");
+            Ca {
+                issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("a CA"),
+            }
+        }
+
+        /// A certificate for `names` (subject alternative names) and its key.
+        fn issue(&self, names: &[&str]) -> (rcgen::Certificate, rcgen::KeyPair) {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let params = rcgen::CertificateParams::new(names).expect("params");
+            let key = rcgen::KeyPair::generate().expect("a key");
+            let cert = params.signed_by(&key, &self.issuer).expect("signed");
+            (cert, key)
+        }
+    }
+
+    /// A TLS front for the test database that demands a client certificate
+    /// signed by `clients` — what a server with `clientcert=verify-ca` in
+    /// its `pg_hba.conf` does (the shared local server's own configuration
+    /// is not the tests' to change). It answers PostgreSQL's `SSLRequest`,
+    /// completes the handshake, and relays the decrypted session to the
+    /// real database; connections without such a certificate fail their
+    /// handshake. Answers its address and the certificates clients
+    /// presented.
+    async fn client_cert_front(
+        clients: &Ca,
+    ) -> (
+        std::net::SocketAddr,
+        std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    ) {
+        use std::sync::{Arc, Mutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(clients.issuer.der().clone()).expect("client CA");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .expect("a client verifier");
+        let (server_cert, server_key) = Ca::new("front").issue(&["127.0.0.1"]);
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![CertificateDer::from(server_cert.der().to_vec())],
+                PrivateKeyDer::try_from(server_key.serialize_der()).expect("a key"),
+            )
+            .expect("a server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let o =
+            PgOptions::parse(&coatcheck_store_postgres::testing::base_url()).expect("a valid URL");
+        let target = match (o.pg.get_hosts().first(), o.pg.get_ports().first()) {
+            (Some(tokio_postgres::config::Host::Tcp(h)), Some(p)) => format!("{h}:{p}"),
+            other => panic!("the test database is reached over TCP: {other:?}"),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let (acceptor, target, seen) = (acceptor.clone(), target.clone(), seen2.clone());
+                tokio::spawn(async move {
+                    // SSLRequest: length 8, code 80877103.
+                    let mut request = [0u8; 8];
+                    if tcp.read_exact(&mut request).await.is_err()
+                        || request != [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]
+                        || tcp.write_all(b"S").await.is_err()
+                    {
+                        return;
+                    }
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    if let Some(certs) = tls.get_ref().1.peer_certificates() {
+                        seen.lock().unwrap().push(certs[0].to_vec());
+                    }
+                    let Ok(mut db) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut db).await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// `sslcert` and `sslkey`: every connection of the store (migrations,
+    /// the listener, the pool) presents the certificate to a server that
+    /// demands one, and works; without it, or with a certificate of another
+    /// CA, the server refuses the handshake and the store does not open; an
+    /// unreadable key is a clear error.
+    #[tokio::test]
+    async fn a_client_certificate_is_presented_to_a_server_that_demands_one() {
+        let schema = TestSchema::create().await;
+        let clients = Ca::new("clients");
+        let (front, seen) = client_cert_front(&clients).await;
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let write = |name: &str, (cert, key): (rcgen::Certificate, rcgen::KeyPair)| {
+            let (c, k) = (
+                dir.path().join(format!("{name}.crt")),
+                dir.path().join(format!("{name}.key")),
+            );
+            std::fs::write(&c, cert.pem()).expect("write");
+            std::fs::write(&k, key.serialize_pem()).expect("write");
+            (c, k, cert.der().to_vec())
+        };
+        let (cert, key, der) = write("node", clients.issue(&["node-1"]));
+        let with =
+            |extra: &str| schema.url_via(front, &format!("sslmode=require&pool_size=2{extra}"));
+
+        let url = with(&format!(
+            "&sslcert={}&sslkey={}",
+            cert.display(),
+            key.display()
+        ));
+        let store = PgStore::open(&url, StoreOptions::default())
+            .await
+            .expect("open with a client certificate");
+        let id = match store
+            .request_submit(SubmitParams {
+                new: coatcheck_store::conformance::new_request("q-mtls"),
+                idempotency: None,
+                now: truncate(chrono::Utc::now()),
+            })
+            .await
+            .expect("submit")
+        {
+            Submitted::Created(r) => r.id,
+            Submitted::Replayed(r) => panic!("replayed {}", r.id),
+        };
+        let got = store.request_get(RequestRef::any(&id)).await.expect("get");
+        assert_eq!(got.queue, "q-mtls");
+        store.store_close().await;
+        let presented = std::mem::take(&mut *seen.lock().unwrap());
+        assert!(
+            presented.len() >= 3,
+            "migrations, the listener and the pool each presented it: {}",
+            presented.len()
+        );
+        assert!(
+            presented.iter().all(|c| *c == der),
+            "the node's certificate"
+        );
+
+        let err = PgStore::open(&with(""), StoreOptions::default())
+            .await
+            .expect_err("no certificate: refused");
+        assert!(
+            matches!(err, coatcheck_store_postgres::OpenError::Connect(_)),
+            "{err}"
+        );
+        let (cert, key, _) = write("stranger", Ca::new("strangers").issue(&["node-1"]));
+        let err = PgStore::open(
+            &with(&format!(
+                "&sslcert={}&sslkey={}",
+                cert.display(),
+                key.display()
+            )),
+            StoreOptions::default(),
+        )
+        .await
+        .expect_err("a certificate of another CA: refused");
+        assert!(
+            matches!(err, coatcheck_store_postgres::OpenError::Connect(_)),
+            "{err}"
+        );
+        assert!(seen.lock().unwrap().is_empty(), "no handshake completed");
+
+        let missing = dir.path().join("missing.key");
+        let err = PgStore::open(
+            &with(&format!(
+                "&sslcert={}&sslkey={}",
+                cert.display(),
+                missing.display()
+            )),
+            StoreOptions::default(),
+        )
+        .await
+        .expect_err("an unreadable key");
+        assert!(err.to_string().contains("sslkey"), "{err}");
     }
 }
