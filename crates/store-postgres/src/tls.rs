@@ -75,9 +75,14 @@ pub fn connector(mode: &TlsMode, client: Option<&ClientCert>) -> Result<MakeRust
         None => verifying.with_no_client_auth(),
         Some(c) => {
             let (chain, key) = client_identity(c)?;
-            verifying
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("sslcert {}: {e}", c.cert.display()))?
+            verifying.with_client_auth_cert(chain, key).map_err(|e| {
+                format!(
+                    "sslcert {} with sslkey {}: {e} (the certificate must be X.509 v3 — \
+                     `openssl x509 -req` makes v1 unless given extensions — and the key its own)",
+                    c.cert.display(),
+                    c.key.display()
+                )
+            })?
         }
     };
     Ok(MakeRustlsConnect::new(config))

@@ -1031,6 +1031,20 @@ mod tls {
         );
         assert!(seen.lock().unwrap().is_empty(), "no handshake completed");
 
+        let (_, other_key, _) = write("other", clients.issue(&["node-2"]));
+        let (node_cert, _, _) = write("node-again", clients.issue(&["node-1"]));
+        let err = PgStore::open(
+            &with(&format!(
+                "&sslcert={}&sslkey={}",
+                node_cert.display(),
+                other_key.display()
+            )),
+            StoreOptions::default(),
+        )
+        .await
+        .expect_err("a key that is not the certificate's");
+        assert!(err.to_string().contains("sslkey"), "{err}");
+
         let missing = dir.path().join("missing.key");
         let err = PgStore::open(
             &with(&format!(
