@@ -49,6 +49,14 @@
 //!   row the stream yields the error and ends. Other errors end it at once.
 //! - Acking the reply of a request in this client's [journal](crate::journal)
 //!   counts as consuming it: the request leaves the journal.
+//! - [`Channel::events`] is the same stream pushed over Server-Sent Events
+//!   (`GET /v1/channels/{name}/events`) instead of long-polled: the server
+//!   hands each message over as it arrives; acks, visibility and redelivery
+//!   work the same. A dropped connection is reopened (an idle one is taken
+//!   as dropped after [`crate::events::IDLE_TIMEOUT`]; the server sends
+//!   keep-alives); the error rules are those of the request event stream.
+//!   [`Channel::events_auto_acked`] lets the server remove each message as
+//!   it writes it.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -65,7 +73,7 @@ use serde::de::DeserializeOwned;
 use crate::backoff::{secs, Backoff};
 use crate::client::{Client, MAX_POLL};
 use crate::error::{Error, Result};
-use crate::events::MAX_RECONNECTS;
+use crate::events::{Next, Session, IDLE_TIMEOUT, MAX_RECONNECTS};
 use crate::http::{self, Replay};
 
 /// Most messages one receive may ask for (the API's limit).
@@ -227,6 +235,40 @@ impl Channel {
         }
     }
 
+    /// Every message of the channel pushed over Server-Sent Events
+    /// (`GET /v1/channels/{name}/events`), each acked by you with
+    /// [`Delivery::ack`] as with [`Channel::messages`]; one not acked within
+    /// the visibility is pushed again. The connection is reopened when it
+    /// drops (module docs for errors); `max` and `wait` do not apply.
+    pub fn events(&self) -> Deliveries {
+        self.pushed(false)
+    }
+
+    /// As [`Channel::events`], but the server removes each message once it
+    /// has written it to the stream (`?auto_ack=true`): nothing to ack, and
+    /// a message written just before the connection dropped is lost to this
+    /// consumer.
+    pub fn events_auto_acked(&self) -> Deliveries {
+        self.pushed(true)
+    }
+
+    fn pushed(&self, auto_ack: bool) -> Deliveries {
+        let state = Pushed {
+            channel: self.clone(),
+            auto_ack,
+            session: Session::new(self.client.clone()),
+            buf: VecDeque::new(),
+            done: false,
+        };
+        Deliveries {
+            inner: futures::stream::unfold(state, |mut s| async move {
+                let item = s.next().await?;
+                Some((item, s))
+            })
+            .boxed(),
+        }
+    }
+
     fn delivery(&self, m: ChannelMessage) -> Delivery {
         Delivery {
             message: m.message,
@@ -338,6 +380,79 @@ impl Consumer {
                 Err(e) => {
                     self.done = true;
                     return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// The state of [`Channel::events`].
+struct Pushed {
+    channel: Channel,
+    auto_ack: bool,
+    session: Session,
+    buf: VecDeque<Delivery>,
+    done: bool,
+}
+
+impl Pushed {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if let Some(d) = self.buf.pop_front() {
+                return Some(Ok(d));
+            }
+            if self.done {
+                return None;
+            }
+            let ch = &self.channel;
+            let url = || {
+                check_channel(&ch.name)?;
+                let mut url = ch
+                    .client
+                    .transport()
+                    .url(&["v1", "channels", &ch.name, "events"])?;
+                url.query_pairs_mut()
+                    .append_pair("visibility", &secs(ch.visibility).to_string())
+                    .append_pair("auto_ack", if self.auto_ack { "true" } else { "false" });
+                Ok(url)
+            };
+            // A reopened stream pushes again what was not acked, once its
+            // visibility runs out.
+            let what = format!("channel {}", ch.name);
+            let events = match self
+                .session
+                .next(url, None, IDLE_TIMEOUT, true, &what)
+                .await
+            {
+                Ok(Next::Events(events)) => events,
+                Ok(Next::End) => {
+                    self.done = true;
+                    continue;
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            };
+            for e in events.into_iter().filter(|e| e.event == "message") {
+                match serde_json::from_str::<ChannelMessage>(&e.data) {
+                    Ok(m) => {
+                        if self.auto_ack {
+                            // Removed by the server as it was written:
+                            // consumed, as an ack would have it.
+                            let id = &m.message.request_id;
+                            self.channel.client.forget_quietly(id).await;
+                        }
+                        self.buf.push_back(self.channel.delivery(m));
+                    }
+                    Err(err) => {
+                        self.session.close();
+                        self.done = true;
+                        return Some(Err(Error::Decode(format!(
+                            "a message of channel {}: {err}",
+                            self.channel.name
+                        ))));
+                    }
                 }
             }
         }

@@ -133,7 +133,7 @@ impl RequestEvents {
     /// only before the stream is first polled.
     pub fn max_reconnects(mut self, n: u32) -> Self {
         if let Some(s) = &mut self.unstarted {
-            s.max_reconnects = n;
+            s.session.max_reconnects = n;
         }
         self
     }
@@ -190,10 +190,8 @@ impl Client {
             client: self.clone(),
             id: id.to_string(),
             last,
-            conn: None,
+            session: Session::new(self.clone()),
             pending: VecDeque::new(),
-            failures: 0,
-            max_reconnects: MAX_RECONNECTS,
             terminal: false,
             done: false,
         };
@@ -204,6 +202,7 @@ impl Client {
     }
 }
 
+/// An open event stream.
 struct Conn {
     resp: reqwest::Response,
     parser: Parser,
@@ -211,16 +210,37 @@ struct Conn {
     fresh: bool,
 }
 
-struct State {
-    client: Client,
-    id: String,
-    last: Option<u64>,
-    conn: Option<Conn>,
-    pending: VecDeque<RequestEvent>,
-    failures: u32,
-    max_reconnects: u32,
-    terminal: bool,
-    done: bool,
+/// What one read of an event stream brought.
+enum Read {
+    /// Bytes arrived (the connection works), with the events they completed.
+    Events(Vec<SseEvent>),
+    /// The connection dropped, closed, or was silent for longer than asked;
+    /// `fresh` if it never brought a byte.
+    Dropped { fresh: bool },
+}
+
+impl Conn {
+    /// The next bytes, waiting at most `idle`; an error only for bytes that
+    /// are not Server-Sent Events.
+    async fn read(&mut self, idle: Duration) -> Result<Read> {
+        loop {
+            let chunk = match tokio::time::timeout(idle, self.resp.chunk()).await {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Err(_)) | Ok(Ok(None)) | Err(_) => {
+                    return Ok(Read::Dropped { fresh: self.fresh })
+                }
+            };
+            if chunk.is_empty() {
+                continue;
+            }
+            self.fresh = false;
+            let mut events = Vec::new();
+            self.parser
+                .feed(&chunk, &mut events)
+                .map_err(Error::Decode)?;
+            return Ok(Read::Events(events));
+        }
+    }
 }
 
 enum Connected {
@@ -229,108 +249,90 @@ enum Connected {
     Finished,
 }
 
-impl State {
-    async fn next(&mut self) -> Option<Result<RequestEvent>> {
+/// What [`Session::next`] brought.
+pub(crate) enum Next {
+    /// Events (possibly none: a keep-alive).
+    Events(Vec<SseEvent>),
+    /// The stream ended: `204`, or it dropped and was not to be reopened.
+    End,
+}
+
+/// One event stream kept open: opened when first read, reopened when it
+/// drops (module docs for what is retried and for how long).
+pub(crate) struct Session {
+    client: Client,
+    conn: Option<Conn>,
+    /// Failed attempts in a row (reset by any byte).
+    failures: u32,
+    pub(crate) max_reconnects: u32,
+}
+
+impl Session {
+    pub(crate) fn new(client: Client) -> Session {
+        Session {
+            client,
+            conn: None,
+            failures: 0,
+            max_reconnects: MAX_RECONNECTS,
+        }
+    }
+
+    /// The next events of the stream at `url` (asked for only when the
+    /// stream must be opened; resuming after `last_event_id`), waiting at
+    /// most `idle` for a byte. A dropped stream is reopened, unless `reopen`
+    /// is false; one that keeps closing without a byte is an error naming
+    /// `what`.
+    pub(crate) async fn next(
+        &mut self,
+        url: impl Fn() -> Result<reqwest::Url>,
+        last_event_id: Option<&str>,
+        idle: Duration,
+        reopen: bool,
+        what: &str,
+    ) -> Result<Next> {
         loop {
-            if let Some(ev) = self.pending.pop_front() {
-                if ev.is_terminal() && !self.terminal {
-                    self.terminal = true;
-                    self.client.forget_quietly(&self.id).await;
-                }
-                return Some(Ok(ev));
-            }
-            if self.done {
-                return None;
-            }
             let Some(conn) = self.conn.as_mut() else {
-                match self.connect().await {
-                    Ok(Connected::Open(c)) => self.conn = Some(*c),
-                    Ok(Connected::Finished) => self.done = true,
-                    Err(e) => {
-                        self.done = true;
-                        return Some(Err(e));
-                    }
+                match self.open(url()?, last_event_id).await? {
+                    Connected::Open(c) => self.conn = Some(*c),
+                    Connected::Finished => return Ok(Next::End),
                 }
                 continue;
             };
-            let idle = if self.terminal {
-                CLOSE_WAIT
-            } else {
-                IDLE_TIMEOUT
-            };
-            let chunk = match tokio::time::timeout(idle, conn.resp.chunk()).await {
-                Ok(Ok(Some(chunk))) => chunk,
-                // Dropped, cut off, or silent for too long: resume.
-                Ok(Err(_)) | Ok(Ok(None)) | Err(_) => {
-                    let fresh = conn.fresh;
+            match conn.read(idle).await? {
+                Read::Events(events) => {
+                    self.failures = 0;
+                    return Ok(Next::Events(events));
+                }
+                Read::Dropped { fresh } => {
                     self.conn = None;
-                    if self.terminal {
-                        self.done = true;
-                    } else if fresh {
+                    if !reopen {
+                        return Ok(Next::End);
+                    }
+                    if fresh {
                         // Opened and closed without a byte: that counts as a
                         // failed attempt, or a broken server would spin us.
                         if self.failures >= self.max_reconnects {
-                            self.done = true;
-                            return Some(Err(Error::Interrupted(format!(
-                                "the event stream of {} keeps closing without sending anything",
-                                self.id
-                            ))));
+                            return Err(Error::Interrupted(format!(
+                                "the event stream of {what} keeps closing without sending anything"
+                            )));
                         }
                         self.failures += 1;
-                    }
-                    continue;
-                }
-            };
-            if chunk.is_empty() {
-                continue;
-            }
-            // Bytes arrived: the connection works.
-            conn.fresh = false;
-            self.failures = 0;
-            let mut events = Vec::new();
-            if let Err(e) = conn.parser.feed(&chunk, &mut events) {
-                self.done = true;
-                return Some(Err(Error::Decode(e)));
-            }
-            for e in events {
-                match self.decode(e) {
-                    Ok(Some(ev)) => {
-                        self.last = Some(ev.seq);
-                        self.pending.push_back(ev);
-                    }
-                    Ok(None) => {}
-                    Err(err) => {
-                        // What came before it is still good.
-                        self.conn = None;
-                        self.done = true;
-                        self.pending.clear();
-                        return Some(Err(err));
                     }
                 }
             }
         }
     }
 
-    fn decode(&self, e: SseEvent) -> Result<Option<RequestEvent>> {
-        let kind = match e.event.as_str() {
-            "status" => RequestEventKind::Status,
-            "progress" => RequestEventKind::Progress,
-            _ => return Ok(None),
-        };
-        let seq = e
-            .id
-            .as_deref()
-            .and_then(|id| id.trim().parse::<u64>().ok())
-            .ok_or_else(|| Error::Decode(format!("event {:?} without a numeric id", e.event)))?;
-        let request: Request = serde_json::from_str(&e.data)
-            .map_err(|err| Error::Decode(format!("event #{seq} of {}: {err}", self.id)))?;
-        Ok(Some(RequestEvent { kind, seq, request }))
+    /// Closes the stream (the next read opens a new one).
+    pub(crate) fn close(&mut self) {
+        self.conn = None;
     }
 
-    /// Opens the stream, retrying what may pass (module docs).
-    async fn connect(&mut self) -> Result<Connected> {
+    /// Opens the event stream at `url`, retrying transport failures,
+    /// timeouts, `429` and `5xx` with backoff while the failures in a row
+    /// stay within `max_reconnects`; any other answer is an error at once.
+    async fn open(&mut self, url: reqwest::Url, last_event_id: Option<&str>) -> Result<Connected> {
         let t = self.client.transport();
-        let url = t.url(&["v1", "requests", &self.id, "events"])?;
         loop {
             if self.failures > 0 {
                 let pause = Backoff::WORKER.jittered(self.failures - 1);
@@ -340,8 +342,8 @@ impl State {
             if let Some(key) = &t.api_key {
                 rb = rb.bearer_auth(key);
             }
-            if let Some(last) = self.last {
-                rb = rb.header("Last-Event-ID", last.to_string());
+            if let Some(last) = last_event_id {
+                rb = rb.header("Last-Event-ID", last);
             }
             // No overall timeout on the body (it is long-lived); the headers
             // must come within the call timeout.
@@ -385,6 +387,92 @@ impl State {
             }
             self.failures += 1;
         }
+    }
+}
+
+struct State {
+    client: Client,
+    id: String,
+    last: Option<u64>,
+    session: Session,
+    pending: VecDeque<RequestEvent>,
+    terminal: bool,
+    done: bool,
+}
+
+impl State {
+    async fn next(&mut self) -> Option<Result<RequestEvent>> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                if ev.is_terminal() && !self.terminal {
+                    self.terminal = true;
+                    self.client.forget_quietly(&self.id).await;
+                }
+                return Some(Ok(ev));
+            }
+            if self.done {
+                return None;
+            }
+            // After the terminal event, wait only for the server to close.
+            let idle = if self.terminal {
+                CLOSE_WAIT
+            } else {
+                IDLE_TIMEOUT
+            };
+            let last = self.last.map(|l| l.to_string());
+            let url = || {
+                self.client
+                    .transport()
+                    .url(&["v1", "requests", &self.id, "events"])
+            };
+            let events = match self
+                .session
+                .next(url, last.as_deref(), idle, !self.terminal, &self.id)
+                .await
+            {
+                Ok(Next::Events(events)) => events,
+                Ok(Next::End) => {
+                    self.done = true;
+                    continue;
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            };
+            for e in events {
+                match self.decode(e) {
+                    Ok(Some(ev)) => {
+                        self.last = Some(ev.seq);
+                        self.pending.push_back(ev);
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        // What came before it is still good.
+                        self.session.close();
+                        self.done = true;
+                        self.pending.clear();
+                        return Some(Err(err));
+                    }
+                }
+            }
+        }
+    }
+
+    fn decode(&self, e: SseEvent) -> Result<Option<RequestEvent>> {
+        let kind = match e.event.as_str() {
+            "status" => RequestEventKind::Status,
+            "progress" => RequestEventKind::Progress,
+            _ => return Ok(None),
+        };
+        let seq = e
+            .id
+            .as_deref()
+            .and_then(|id| id.trim().parse::<u64>().ok())
+            .ok_or_else(|| Error::Decode(format!("event {:?} without a numeric id", e.event)))?;
+        let request: Request = serde_json::from_str(&e.data)
+            .map_err(|err| Error::Decode(format!("event #{seq} of {}: {err}", self.id)))?;
+        Ok(Some(RequestEvent { kind, seq, request }))
     }
 }
 

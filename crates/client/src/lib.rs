@@ -73,7 +73,8 @@
 //!   ```
 //! - **A reply channel**, the durable return address: submit with
 //!   `reply_to(ReplyTo::Channel(..))`, consume with [`Client::channel`] and
-//!   ack each [`Delivery`] (at-least-once).
+//!   ack each [`Delivery`] (at-least-once); [`Channel::messages`] long-polls,
+//!   [`Channel::events`] has the server push them over SSE.
 //!
 //!   ```no_run
 //!   # use futures::StreamExt;

@@ -260,3 +260,111 @@ async fn acking_a_reply_or_seeing_the_end_on_the_stream_clears_the_journal() {
     assert!(events.last().unwrap().is_terminal());
     assert!(c.pending().unwrap().is_empty());
 }
+
+/// `Channel::events`: the replies pushed over SSE, each acked; what is not
+/// acked is pushed again with the same message id once its visibility runs
+/// out.
+#[tokio::test]
+async fn pushed_replies_are_acked_and_what_is_not_comes_back() {
+    let s = TestServer::start().await;
+    let c = client(&s);
+    let ids = three_outcomes(&c, "pushed").await;
+    let mut replies = c
+        .channel("pushed")
+        .visibility(Duration::from_millis(1500))
+        .events();
+    let mut by_request: HashMap<String, Delivery> = HashMap::new();
+    for _ in 0..3 {
+        let d = next(&mut replies).await;
+        assert_eq!(d.delivery_count, 1);
+        assert_eq!(d.channel(), "pushed");
+        by_request.insert(d.message.request_id.clone(), d);
+    }
+    assert_eq!(by_request[&ids[0]].message.status, Status::Succeeded);
+    assert_eq!(by_request[&ids[1]].message.status, Status::Failed);
+    assert_eq!(by_request[&ids[2]].message.status, Status::Cancelled);
+    assert!(by_request[&ids[0]].ack().await.unwrap());
+    assert!(by_request[&ids[1]].ack().await.unwrap());
+
+    let again = next(&mut replies).await;
+    assert_eq!(
+        again.message.message_id,
+        by_request[&ids[2]].message.message_id
+    );
+    assert_eq!(again.delivery_count, 2);
+    assert!(again.ack().await.unwrap());
+    drop(replies);
+    let left = c
+        .channel("pushed")
+        .wait(Duration::from_millis(200))
+        .receive()
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// `Channel::events_auto_acked`: the server removes each message as it
+/// writes it, so nothing comes back after the visibility (it would without
+/// the auto-ack), and the journal counts the reply as consumed.
+#[tokio::test]
+async fn auto_acked_replies_do_not_come_back() {
+    let s = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(&s).with_journal(dir.path().join("pending")).unwrap();
+    let ids = three_outcomes(&c, "auto").await;
+    assert!(!c.pending().unwrap().is_empty());
+    let visibility = Duration::from_millis(500);
+    let mut replies = c.channel("auto").visibility(visibility).events_auto_acked();
+    let mut got: Vec<String> = Vec::new();
+    for _ in 0..3 {
+        got.push(next(&mut replies).await.message.request_id);
+    }
+    got.sort();
+    let mut want = ids.to_vec();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(c.pending().unwrap().is_empty(), "consumed");
+    drop(replies);
+    tokio::time::sleep(visibility * 3).await;
+    let left = c
+        .channel("auto")
+        .visibility(visibility)
+        .wait(Duration::from_millis(200))
+        .receive()
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "acked by the server: {left:?}");
+}
+
+/// A pushed stream whose connection is cut is reopened by itself, and the
+/// replies that come later still arrive.
+#[tokio::test]
+async fn a_cut_push_stream_is_reopened() {
+    let s = TestServer::start().await;
+    let proxy = crate::proxy::Proxy::start(s.server().addr()).await;
+    let direct = client(&s);
+    let via_proxy = Client::builder(proxy.url())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut replies = via_proxy.channel("cut").events();
+    for round in 0..3 {
+        let sub = direct
+            .submit("cutq", &json!({"round": round}))
+            .reply_to(ReplyTo::Channel("cut".into()))
+            .send()
+            .await
+            .unwrap();
+        let job = crate::claim_one(&direct, "cutq").await;
+        direct
+            .complete(&job.id, &job.lease_token, &round)
+            .await
+            .unwrap();
+        let d = next(&mut replies).await;
+        assert_eq!(d.message.request_id, sub.request.id);
+        assert_eq!(d.output::<i32>().unwrap(), round);
+        assert!(d.ack().await.unwrap());
+        proxy.cut_all();
+    }
+    assert!(proxy.connections() >= 3, "{}", proxy.connections());
+}

@@ -4,29 +4,14 @@
 
 use std::time::Duration;
 
-use coatcheck_client::wire::{ClaimBody, ClaimedRequest, HeartbeatBody};
+use coatcheck_client::wire::{ClaimedRequest, HeartbeatBody};
 use coatcheck_client::{Client, RequestEvent, RequestEventKind, Status};
 use coatcheck_testkit::TestServer;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 
-use crate::client;
 use crate::proxy::Proxy;
-
-async fn claim(c: &Client, queue: &str) -> ClaimedRequest {
-    c.claim(
-        queue,
-        ClaimBody {
-            worker_id: "events-test".into(),
-            max: Some(1),
-            lease: Some(60.0),
-            wait: Some(5.0),
-        },
-    )
-    .await
-    .unwrap()
-    .remove(0)
-}
+use crate::{claim_one as claim, client};
 
 async fn progress(c: &Client, job: &ClaimedRequest, value: serde_json::Value) {
     c.heartbeat(

@@ -40,3 +40,19 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Claims one request of `queue` (waiting up to 5 s for it), with a 60 s lease.
+pub async fn claim_one(c: &Client, queue: &str) -> coatcheck_client::wire::ClaimedRequest {
+    c.claim(
+        queue,
+        coatcheck_client::wire::ClaimBody {
+            worker_id: "sdk-test".into(),
+            max: Some(1),
+            lease: Some(60.0),
+            wait: Some(5.0),
+        },
+    )
+    .await
+    .unwrap()
+    .remove(0)
+}

@@ -203,19 +203,7 @@ async fn a_real_delivery_verifies_with_the_sdk() {
         .send()
         .await
         .unwrap();
-    let job = c
-        .claim(
-            "hooked",
-            coatcheck_client::wire::ClaimBody {
-                worker_id: "w".into(),
-                max: Some(1),
-                lease: None,
-                wait: Some(5.0),
-            },
-        )
-        .await
-        .unwrap()
-        .remove(0);
+    let job = crate::claim_one(&c, "hooked").await;
     c.complete(&job.id, &job.lease_token, &json!({"sum": 2}))
         .await
         .unwrap();
