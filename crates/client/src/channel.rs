@@ -500,5 +500,8 @@ mod tests {
         assert_eq!(ch.max, 100);
         assert_eq!(ch.wait, MAX_POLL);
         assert_eq!(ch.name(), "replies");
+        let mut pushed = c.channel("bad/name").events();
+        assert!(matches!(pushed.next().await, Some(Err(Error::Invalid(_)))));
+        assert!(pushed.next().await.is_none(), "and the stream ends");
     }
 }
