@@ -214,8 +214,13 @@ pub struct SettlementItem {
     /// The lease token from the claim.
     #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub lease_token: String,
-    /// Set for a complete.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Set for a complete: any JSON, `null` included (an absent `output` is
+    /// not a `null` one).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub output: Option<Box<RawValue>>,
     /// Set for a fail.
@@ -228,6 +233,12 @@ pub struct SettlementItem {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 315360000))]
     pub retry_after: Option<f64>,
+}
+
+/// A field that is there — `null` included — is `Some`; only an absent one
+/// (with `#[serde(default)]`) is `None`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 /// `POST /v1/queues/{queue}/settlements`.

@@ -120,6 +120,34 @@ async fn raw_json_works_as_input_and_output() {
     run.await.unwrap().unwrap();
 }
 
+/// A handler with nothing to return (`()`: JSON `null`) completes its
+/// requests with a `null` output (the worker batches its settlements, whose
+/// items take `null` as an output as the single complete does).
+#[tokio::test]
+async fn a_handler_that_returns_nothing_completes_its_requests() {
+    let s = TestServer::start().await;
+    let c = client(&s);
+    let (run, stop) = spawn(
+        Worker::new(c.clone(), "void").concurrency(4),
+        |_job: Job<serde_json::Value>| async move { Ok::<_, HandlerError>(()) },
+    );
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(c.submit("void", &i).send().await.unwrap().request.id);
+    }
+    for id in &ids {
+        let done = c.wait(id, Some(Duration::from_secs(10))).await.unwrap();
+        assert_eq!(done.status, Status::Succeeded, "{:?}", done.error);
+        assert!(
+            done.output.as_ref().is_none_or(|o| o.get() == "null"),
+            "{:?}",
+            done.output
+        );
+    }
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn leases_are_renewed_while_a_handler_outlives_three_of_them() {
     let s = TestServer::start().await;

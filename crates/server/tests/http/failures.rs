@@ -351,6 +351,24 @@ async fn settlements_answer_each_item_in_order_and_independently() {
         "running",
         "not settled through another queue"
     );
+    // An output of `null` is an output, as in a single complete.
+    let nothing = id(&s.submit("batch-void", json!({"input": "void"})).await);
+    let nc = claim_one(&s, "batch-void", 30.0).await;
+    assert_eq!(id(&nc), nothing);
+    let v = json_of(
+        s.post(
+            "/v1/queues/batch-void/settlements",
+            json!({"items": [{"id": nothing, "lease_token": token(&nc), "output": null}]}),
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(v["items"][0]["status"], 200, "{v}");
+    let done = get_req(&s, &nothing).await;
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["output"], Value::Null);
+
     // An item with both (or neither) output and error refuses the whole batch.
     for (bad, field) in [
         (
