@@ -69,6 +69,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 use crate::backoff::{secs, Backoff};
 use crate::client::{Client, MAX_POLL};
@@ -313,8 +314,10 @@ impl Delivery {
     /// succeed).
     pub fn output<T: DeserializeOwned>(&self) -> Result<T> {
         match &self.message.output {
-            Some(raw) if self.message.status == coatcheck_core::Status::Succeeded => {
-                serde_json::from_str(raw.get()).map_err(|e| {
+            // A `null` output arrives as no output at all.
+            raw if self.message.status == coatcheck_core::Status::Succeeded => {
+                let json = raw.as_deref().map_or("null", RawValue::get);
+                serde_json::from_str(json).map_err(|e| {
                     Error::Decode(format!("output of {}: {e}", self.message.request_id))
                 })
             }

@@ -368,3 +368,24 @@ async fn a_cut_push_stream_is_reopened() {
     }
     assert!(proxy.connections() >= 3, "{}", proxy.connections());
 }
+
+/// A request that succeeded with a `null` output (a handler with nothing
+/// to return) has a reply whose output reads as `()` or `None`.
+#[tokio::test]
+async fn a_null_output_reads_as_nothing() {
+    let s = TestServer::start().await;
+    let c = client(&s);
+    c.submit("voidq", &1)
+        .reply_to(ReplyTo::Channel("void".into()))
+        .send()
+        .await
+        .unwrap();
+    let job = crate::claim_one(&c, "voidq").await;
+    c.complete(&job.id, &job.lease_token, &()).await.unwrap();
+    let mut replies = c.channel("void").wait(Duration::from_secs(5)).messages();
+    let d = next(&mut replies).await;
+    assert_eq!(d.message.status, Status::Succeeded);
+    d.output::<()>().unwrap();
+    assert_eq!(d.output::<Option<i32>>().unwrap(), None);
+    assert!(d.output::<i32>().is_err(), "null is not a number");
+}
