@@ -74,7 +74,7 @@ use serde_json::value::RawValue;
 use crate::backoff::{secs, Backoff};
 use crate::client::{Client, MAX_POLL};
 use crate::error::{Error, Result};
-use crate::events::{Next, Session, IDLE_TIMEOUT, MAX_RECONNECTS};
+use crate::events::{Session, IDLE_TIMEOUT, MAX_RECONNECTS};
 use crate::http::{self, Replay};
 
 /// Most messages one receive may ask for (the API's limit).
@@ -257,9 +257,8 @@ impl Channel {
         let state = Pushed {
             channel: self.clone(),
             auto_ack,
-            session: Session::new(self.client.clone()),
+            session: Session::new(self.client.clone(), format!("channel {}", self.name)),
             buf: VecDeque::new(),
-            done: false,
         };
         Deliveries {
             inner: futures::stream::unfold(state, |mut s| async move {
@@ -395,7 +394,6 @@ struct Pushed {
     auto_ack: bool,
     session: Session,
     buf: VecDeque<Delivery>,
-    done: bool,
 }
 
 impl Pushed {
@@ -403,9 +401,6 @@ impl Pushed {
         loop {
             if let Some(d) = self.buf.pop_front() {
                 return Some(Ok(d));
-            }
-            if self.done {
-                return None;
             }
             let ch = &self.channel;
             let url = || {
@@ -421,21 +416,9 @@ impl Pushed {
             };
             // A reopened stream pushes again what was not acked, once its
             // visibility runs out.
-            let what = format!("channel {}", ch.name);
-            let events = match self
-                .session
-                .next(url, None, IDLE_TIMEOUT, true, &what)
-                .await
-            {
-                Ok(Next::Events(events)) => events,
-                Ok(Next::End) => {
-                    self.done = true;
-                    continue;
-                }
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(e));
-                }
+            let events = match self.session.next(url, None, IDLE_TIMEOUT, true).await? {
+                Ok(events) => events,
+                Err(e) => return Some(Err(e)),
             };
             for e in events.into_iter().filter(|e| e.event == "message") {
                 match serde_json::from_str::<ChannelMessage>(&e.data) {
@@ -449,8 +432,7 @@ impl Pushed {
                         self.buf.push_back(self.channel.delivery(m));
                     }
                     Err(err) => {
-                        self.session.close();
-                        self.done = true;
+                        self.session.end();
                         return Some(Err(Error::Decode(format!(
                             "a message of channel {}: {err}",
                             self.channel.name

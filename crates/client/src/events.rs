@@ -190,10 +190,9 @@ impl Client {
             client: self.clone(),
             id: id.to_string(),
             last,
-            session: Session::new(self.clone()),
+            session: Session::new(self.clone(), id.to_string()),
             pending: VecDeque::new(),
             terminal: false,
-            done: false,
         };
         RequestEvents {
             unstarted: Some(state),
@@ -249,71 +248,86 @@ enum Connected {
     Finished,
 }
 
-/// What [`Session::next`] brought.
-pub(crate) enum Next {
-    /// Events (possibly none: a keep-alive).
-    Events(Vec<SseEvent>),
-    /// The stream ended: `204`, or it dropped and was not to be reopened.
-    End,
-}
-
 /// One event stream kept open: opened when first read, reopened when it
 /// drops (module docs for what is retried and for how long).
 pub(crate) struct Session {
     client: Client,
+    /// What the stream is of, for errors ("request …", "channel …").
+    what: String,
     conn: Option<Conn>,
     /// Failed attempts in a row (reset by any byte).
     failures: u32,
     pub(crate) max_reconnects: u32,
+    /// Nothing more will be read: the stream ended or failed.
+    ended: bool,
 }
 
 impl Session {
-    pub(crate) fn new(client: Client) -> Session {
+    pub(crate) fn new(client: Client, what: String) -> Session {
         Session {
             client,
+            what,
             conn: None,
             failures: 0,
             max_reconnects: MAX_RECONNECTS,
+            ended: false,
         }
     }
 
-    /// The next events of the stream at `url` (asked for only when the
-    /// stream must be opened; resuming after `last_event_id`), waiting at
-    /// most `idle` for a byte. A dropped stream is reopened, unless `reopen`
-    /// is false; one that keeps closing without a byte is an error naming
-    /// `what`.
+    /// The next events (possibly none: a keep-alive) of the stream at `url`
+    /// (asked for only when the stream must be opened; resuming after
+    /// `last_event_id`), waiting at most `idle` for a byte. A dropped stream
+    /// is reopened, unless `reopen` is false. `None` once the stream ended
+    /// (`204`, or dropped and not to be reopened) or after an error.
     pub(crate) async fn next(
         &mut self,
         url: impl Fn() -> Result<reqwest::Url>,
         last_event_id: Option<&str>,
         idle: Duration,
         reopen: bool,
-        what: &str,
-    ) -> Result<Next> {
+    ) -> Option<Result<Vec<SseEvent>>> {
+        if self.ended {
+            return None;
+        }
+        let got = self.read(url, last_event_id, idle, reopen).await;
+        if !matches!(got, Ok(Some(_))) {
+            self.end();
+        }
+        got.transpose()
+    }
+
+    async fn read(
+        &mut self,
+        url: impl Fn() -> Result<reqwest::Url>,
+        last_event_id: Option<&str>,
+        idle: Duration,
+        reopen: bool,
+    ) -> Result<Option<Vec<SseEvent>>> {
         loop {
             let Some(conn) = self.conn.as_mut() else {
                 match self.open(url()?, last_event_id).await? {
                     Connected::Open(c) => self.conn = Some(*c),
-                    Connected::Finished => return Ok(Next::End),
+                    Connected::Finished => return Ok(None),
                 }
                 continue;
             };
             match conn.read(idle).await? {
                 Read::Events(events) => {
                     self.failures = 0;
-                    return Ok(Next::Events(events));
+                    return Ok(Some(events));
                 }
                 Read::Dropped { fresh } => {
                     self.conn = None;
                     if !reopen {
-                        return Ok(Next::End);
+                        return Ok(None);
                     }
                     if fresh {
                         // Opened and closed without a byte: that counts as a
                         // failed attempt, or a broken server would spin us.
                         if self.failures >= self.max_reconnects {
                             return Err(Error::Interrupted(format!(
-                                "the event stream of {what} keeps closing without sending anything"
+                                "the event stream of {} keeps closing without sending anything",
+                                self.what
                             )));
                         }
                         self.failures += 1;
@@ -323,9 +337,10 @@ impl Session {
         }
     }
 
-    /// Closes the stream (the next read opens a new one).
-    pub(crate) fn close(&mut self) {
+    /// Ends the stream: nothing more is read.
+    pub(crate) fn end(&mut self) {
         self.conn = None;
+        self.ended = true;
     }
 
     /// Opens the event stream at `url`, retrying transport failures,
@@ -397,7 +412,6 @@ struct State {
     session: Session,
     pending: VecDeque<RequestEvent>,
     terminal: bool,
-    done: bool,
 }
 
 impl State {
@@ -409,9 +423,6 @@ impl State {
                     self.client.forget_quietly(&self.id).await;
                 }
                 return Some(Ok(ev));
-            }
-            if self.done {
-                return None;
             }
             // After the terminal event, wait only for the server to close.
             let idle = if self.terminal {
@@ -427,18 +438,11 @@ impl State {
             };
             let events = match self
                 .session
-                .next(url, last.as_deref(), idle, !self.terminal, &self.id)
-                .await
+                .next(url, last.as_deref(), idle, !self.terminal)
+                .await?
             {
-                Ok(Next::Events(events)) => events,
-                Ok(Next::End) => {
-                    self.done = true;
-                    continue;
-                }
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(e));
-                }
+                Ok(events) => events,
+                Err(e) => return Some(Err(e)),
             };
             for e in events {
                 match self.decode(e) {
@@ -449,8 +453,7 @@ impl State {
                     Ok(None) => {}
                     Err(err) => {
                         // What came before it is still good.
-                        self.session.close();
-                        self.done = true;
+                        self.session.end();
                         self.pending.clear();
                         return Some(Err(err));
                     }
